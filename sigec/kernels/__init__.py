@@ -1,0 +1,23 @@
+"""Tile kernels: one file per op family (Triton kernel, PyTorch reference, ``sigec::`` custom op).
+
+Importing this package registers ``torch.ops.sigec.gather``, ``torch.ops.sigec.scatter`` and
+``torch.ops.sigec.restore``. This package imports only torch and triton.
+"""
+
+from sigec.kernels._common import ACTIVATIONS
+from sigec.kernels.gather import gather, gather_reference, gather_triton
+from sigec.kernels.restore import restore, restore_reference, restore_triton
+from sigec.kernels.scatter import scatter, scatter_reference, scatter_triton
+
+__all__ = [
+    "ACTIVATIONS",
+    "gather",
+    "gather_reference",
+    "gather_triton",
+    "restore",
+    "restore_reference",
+    "restore_triton",
+    "scatter",
+    "scatter_reference",
+    "scatter_triton",
+]

@@ -1,0 +1,168 @@
+"""Shared pieces of the tile kernels: argument checks, activation codes, launch heuristics.
+
+Every public op in this package validates its arguments with these helpers inside the op body
+*and* inside its fake (meta) implementation, so a wrong call fails the same way on CPU, on CUDA and
+while tracing. Errors name the argument and say what was expected.
+
+Tile contract shared by gather / scatter / restore:
+    corners: int32 ``[M, 2]`` with rows ``(y, x)``: the top-left pixel of each tile in the map.
+        A corner may be negative or reach past the bottom/right edge: pixels outside the map read
+        as zero and are never written. A tile may even lie wholly in the padding (a 1x1 conv with
+        padding 1 has such output tiles), but it must overlap the map grown by one tile on every
+        side (``-2*tile_h < y < H + tile_h``, same for x); anything further out is a caller's bug.
+    check_values: range-check the corner values (one host sync on CUDA; default True). sigec's
+        runtime passes False for corner lists it built itself, so its edit path never syncs.
+    num_active: optional int32 ``[1]`` tensor on the same device. Only rows ``m < num_active`` are
+        real tiles; the rest are capacity padding (static shapes for CUDA graphs): gather writes
+        zeros for them, scatter and restore skip them, and their corners are not checked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Activation names accepted by the fused ops, and the integer code the kernels switch on.
+ACTIVATIONS = {"identity": 0, "silu": 1, "relu": 2, "leaky_relu": 3, "gelu": 4, "gelu_tanh": 5}
+
+
+def check_tensor(name: str, t, *, rank: int, dtypes=FLOAT_DTYPES, device=None) -> None:
+    """Raise TypeError / ValueError unless ``t`` is a tensor of the given rank, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({allowed}), got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (like the feature map), got {t.device}"
+        )
+
+
+def check_tile_size(tile_h: int, tile_w: int) -> None:
+    ints = (int, torch.SymInt)  # SymInt: tile sizes read off a tile batch while tracing
+    if not (isinstance(tile_h, ints) and isinstance(tile_w, ints)) or tile_h < 1 or tile_w < 1:
+        raise ValueError(f"tile size: expected two positive ints, got ({tile_h!r}, {tile_w!r})")
+
+
+def check_corners(
+    corners,
+    num_active,
+    *,
+    height: int,
+    width: int,
+    tile_h: int,
+    tile_w: int,
+    device,
+    values: bool = True,
+) -> None:
+    """Check the corner list, and with ``values`` (where possible) the corner values.
+
+    Reading values costs one host sync on CUDA; the ops take ``check_values=False`` for corner
+    lists sigec built itself (the runtime's edit path, which must not sync). Values are never read
+    from fake tensors, in compiled code or during CUDA-graph capture.
+    """
+    check_tensor("corners", corners, rank=2, dtypes=(torch.int32,), device=device)
+    if corners.shape[1] != 2:
+        raise ValueError(f"corners: expected shape [M, 2] (rows y, x), got {tuple(corners.shape)}")
+    if num_active is not None:
+        check_tensor("num_active", num_active, rank=1, dtypes=(torch.int32,), device=device)
+        if num_active.shape[0] != 1:
+            raise ValueError(f"num_active: expected shape [1], got {tuple(num_active.shape)}")
+    if not values or not _can_read_values(corners):
+        return
+    count = corners.shape[0]
+    if num_active is not None:
+        active = int(num_active.item())
+        if not 0 <= active <= count:
+            raise ValueError(f"num_active: expected a count in [0, {count}], got {active}")
+        count = active
+    if count == 0:
+        return
+    c = corners[:count]
+    lo = torch.tensor([-2 * tile_h, -2 * tile_w], device=c.device, dtype=torch.int32)
+    hi = torch.tensor([height + tile_h, width + tile_w], device=c.device, dtype=torch.int32)
+    bad = ((c <= lo) | (c >= hi)).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        y, x = (int(v) for v in c[row].tolist())
+        raise ValueError(
+            f"corners: row {row} = (y={y}, x={x}) is out of range for a {tile_h}x{tile_w} tile "
+            f"on a {height}x{width} map; each tile must overlap the map grown by one tile per side "
+            f"({-2 * tile_h} < y < {height + tile_h}, {-2 * tile_w} < x < {width + tile_w})"
+        )
+
+
+def _can_read_values(t: torch.Tensor) -> bool:
+    """Whether corner values may be inspected: not for fake tensors, compiled or captured code."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    if isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_activation(activation: str, slope: float) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(slope, float | int):
+        raise TypeError(f"slope: expected a float, got {type(slope).__name__}")
+    return ACTIVATIONS[activation]
+
+
+def apply_activation(x: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
+    """Reference activations (the definition the Triton kernels must match)."""
+    if activation == "identity":
+        return x
+    if activation == "silu":
+        return torch.nn.functional.silu(x)
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(x, slope)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(x)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(x, approximate="tanh")
+    raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def tile_pixel_index(
+    corners: torch.Tensor, num_active, tile_h: int, tile_w: int, height: int, width: int
+):
+    """Per tile pixel coordinates and validity, for the reference implementations.
+
+    Returns:
+        ys: [M, th, tw] int64 row of each tile pixel, clamped into the map.
+        xs: [M, th, tw] int64 column, clamped.
+        valid: [M, th, tw] bool, True where the pixel lies in the map and the tile is active.
+    """
+    dev = corners.device
+    oy = corners[:, 0].long()[:, None, None] + torch.arange(tile_h, device=dev)[None, :, None]
+    ox = corners[:, 1].long()[:, None, None] + torch.arange(tile_w, device=dev)[None, None, :]
+    oy, ox = torch.broadcast_tensors(oy, ox)
+    valid = (oy >= 0) & (oy < height) & (ox >= 0) & (ox < width)
+    if num_active is not None:
+        m = torch.arange(corners.shape[0], device=dev)[:, None, None]
+        valid = valid & (m < num_active.to(dev).long())
+    return oy.clamp(0, height - 1), ox.clamp(0, width - 1), valid
+
+
+def block_sizes(channels: int, pixels: int) -> tuple[int, int, int]:
+    """Pick (BLOCK_C, BLOCK_P, num_warps) for a tile kernel: ~4K elements per program.
+
+    A fixed heuristic rather than ``triton.autotune``: the tile kernels are memory-bound copies
+    whose best block shape follows from the tile size, and autotuning under the CPU interpreter
+    would run every config. The GPU performance work may replace this with measured configs.
+    """
+    import triton
+
+    block_p = min(triton.next_power_of_2(max(pixels, 1)), 1024)
+    block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), 4096 // block_p))
+    num_warps = 4 if block_c * block_p >= 2048 else 2
+    return block_c, block_p, num_warps

@@ -1,0 +1,1 @@
+"""Reference architectures no installable package provides, and named model configs."""

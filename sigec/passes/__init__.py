@@ -1,0 +1,1 @@
+"""Graph capture and the pass pipeline (ATen-level FX graphs; see README.md beside this file)."""

@@ -1,0 +1,1 @@
+"""Editing workflows built on diffusers schedulers (SDEdit, inpainting, label-map editing)."""

@@ -1,0 +1,288 @@
+"""Edit masks: difference, dilation, per-resolution pyramid, reduction to active tiles, blob masks.
+
+Everything here is vectorized torch that runs on CPU and GPU. Host synchronisation happens only
+where a result's *size* depends on the data: ``active_tiles`` without a ``capacity`` (one
+``nonzero``). With a ``capacity`` the tile list has a fixed size and the count stays on the device,
+which is what CUDA-graph capture needs.
+
+Shapes: a mask is bool ``[B, H, W]`` (or ``[H, W]``, treated as B = 1). Tile corners are int32
+``[M, 2]`` rows ``(y, x)``, the layout the ``sigec::gather/scatter/restore`` ops take.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "TileSet",
+    "active_tiles",
+    "blob_mask",
+    "difference_mask",
+    "dilate",
+    "downsample_mask",
+    "mask_pyramid",
+]
+
+
+def _as_batched(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3:
+        raise ValueError(f"{name}: expected [H, W] or [B, H, W], got shape {tuple(mask.shape)}")
+    return mask.bool()
+
+
+def difference_mask(original: torch.Tensor, edited: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Pixels where any channel changed by more than ``eps``.
+
+    Args:
+        original: ``[B, C, H, W]`` or ``[C, H, W]``.
+        edited: same shape as ``original``.
+        eps: absolute threshold.
+
+    Returns:
+        bool ``[B, H, W]`` (``[H, W]`` for 3-D inputs).
+    """
+    if original.shape != edited.shape:
+        raise ValueError(
+            f"edited: expected the shape of the original {tuple(original.shape)}, "
+            f"got {tuple(edited.shape)}"
+        )
+    if original.dim() not in (3, 4):
+        raise ValueError(
+            f"original: expected [B, C, H, W] or [C, H, W], got {tuple(original.shape)}"
+        )
+    diff = (edited.float() - original.float()).abs() > eps
+    return diff.any(dim=-3)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square dilation by ``radius`` pixels (a (2r+1)^2 structuring element); same shape out."""
+    if radius < 0:
+        raise ValueError(f"radius: expected >= 0, got {radius}")
+    if radius == 0:
+        return mask.bool()
+    squeeze = mask.dim() == 2
+    m = _as_batched(mask).float()[:, None]
+    out = F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    return out[0] if squeeze else out
+
+
+def downsample_mask(
+    mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.3, dilation: int = 1
+) -> torch.Tensor:
+    """Mask at another resolution (SIGE's policy): bilinear resample, threshold, dilate.
+
+    Going down, pixels whose (antialiased) bilinear coverage exceeds ``threshold`` stay on, then a
+    ``dilation``-pixel square dilation. A sample whose mask is non-empty never comes out empty: if
+    thresholding loses it, its max-pooled footprint is used instead. Going up (a decoder), the
+    nearest-neighbour footprint is used, then the dilation.
+
+    Args:
+        mask: bool ``[B, H, W]`` or ``[H, W]``.
+        size: target ``(h, w)``.
+        threshold: coverage above which a downsampled pixel is on.
+        dilation: square dilation radius applied at the target resolution.
+
+    Returns:
+        bool mask at ``size`` with the input's batch layout.
+    """
+    squeeze = mask.dim() == 2
+    m = _as_batched(mask)
+    h, w = int(size[0]), int(size[1])
+    src = m.float()[:, None]
+    if (h, w) == tuple(m.shape[1:]):
+        out = m
+    elif h >= m.shape[1] and w >= m.shape[2]:
+        out = F.interpolate(src, size=(h, w), mode="nearest")[:, 0] > 0
+    else:
+        cover = F.interpolate(
+            src, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+        )
+        out = cover[:, 0] > threshold
+        footprint = F.adaptive_max_pool2d(src, (h, w))[:, 0] > 0
+        lost = m.flatten(1).any(1) & ~out.flatten(1).any(1)  # [B], stays on the device
+        out = torch.where(lost[:, None, None], footprint, out)
+    out = dilate(out, dilation)
+    return out[0] if squeeze else out
+
+
+def mask_pyramid(
+    mask: torch.Tensor,
+    sizes,
+    threshold: float = 0.3,
+    dilation: int = 1,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """Masks for every resolution in ``sizes``: ``{(h, w): bool mask}``.
+
+    Each level is derived from the input mask directly (not from the previous level), so the
+    changed region does not grow with depth inside one resolution (SIGE's truncated policy). The
+    input resolution itself is kept as given (no dilation there: the caller dilates the edit mask
+    once, by its own radius).
+    """
+    m = _as_batched(mask) if mask.dim() == 2 else mask.bool()
+    base = tuple(m.shape[-2:])
+    levels = {}
+    for size in sizes:
+        size = (int(size[0]), int(size[1]))
+        levels[size] = m if size == base else downsample_mask(m, size, threshold, dilation)
+    return levels
+
+
+@dataclass(frozen=True)
+class TileSet:
+    """Active tiles of one sparse convolution.
+
+    Attributes:
+        out_corners: int32 ``[M, 2]`` top-left output pixel of each active output tile.
+        in_corners: int32 ``[M, 2]`` top-left input pixel of the matching input tile
+            (``out * stride - padding``; may be negative).
+        out_tile: output tile size ``(bh, bw)``.
+        in_tile: input tile size ``((bh-1)*sh + kh, (bw-1)*sw + kw)``.
+        num_active: int32 ``[1]`` count of real tiles (rows past it are padding), or None when
+            the lists hold exactly the active tiles.
+    """
+
+    out_corners: torch.Tensor
+    in_corners: torch.Tensor
+    out_tile: tuple[int, int]
+    in_tile: tuple[int, int]
+    num_active: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return int(self.out_corners.shape[0])
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def active_tiles(
+    mask: torch.Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    tile=4,
+    capacity: int | None = None,
+) -> TileSet:
+    """Reduce an output-resolution mask to the active tiles of a convolution.
+
+    The output map is cut into a grid of ``tile`` x ``tile`` output tiles starting at (0, 0); a tile
+    is active when any of its output pixels is masked (in any batch sample: all samples share one
+    tile list). Its input tile starts at ``out_corner * stride - padding`` and spans
+    ``(tile - 1) * stride + kernel_size`` pixels.
+
+    Args:
+        mask: bool ``[B, Ho, Wo]`` or ``[Ho, Wo]`` at the conv's *output* resolution.
+        kernel_size, stride, padding: the conv's, as ints or (h, w) pairs.
+        tile: output tile size, int or (h, w).
+        capacity: if given, return exactly ``capacity`` rows (tiles in raster order first, the rest
+            padding) with the true count in ``num_active``; no host sync. Active tiles beyond the
+            capacity are dropped, so pick it from the tile grid size when unsure.
+
+    Returns:
+        A ``TileSet``, tiles in raster order.
+    """
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    bh, bw = _pair(tile)
+    if min(kh, kw, sh, sw, bh, bw) < 1 or min(ph, pw) < 0:
+        raise ValueError(
+            f"active_tiles: kernel {kh}x{kw}, stride {sh}x{sw}, tile {bh}x{bw} must be >= 1 and "
+            f"padding {ph}x{pw} >= 0"
+        )
+    m = _as_batched(mask).any(dim=0)  # [Ho, Wo]
+    ho, wo = m.shape
+    gh, gw = math.ceil(ho / bh), math.ceil(wo / bw)
+    grid = F.max_pool2d(m[None, None].float(), (bh, bw), (bh, bw), ceil_mode=True)[0, 0] > 0
+    grid = grid[:gh, :gw]
+    if capacity is None:
+        idx = grid.nonzero().to(torch.int32)  # [M, 2] (host sync: M is data-dependent)
+        count = None
+    else:
+        flat = torch.nonzero_static(grid.flatten(), size=capacity, fill_value=-1)[:, 0]
+        count = (flat >= 0).sum().to(torch.int32).reshape(1)
+        flat = flat.clamp_min(0)
+        idx = torch.stack([flat // gw, flat % gw], dim=1).to(torch.int32)
+    tile_hw = torch.tensor([bh, bw], dtype=torch.int32, device=idx.device)
+    out_corners = idx * tile_hw
+    in_corners = out_corners * torch.tensor([sh, sw], dtype=torch.int32, device=idx.device)
+    in_corners = in_corners - torch.tensor([ph, pw], dtype=torch.int32, device=idx.device)
+    in_tile = ((bh - 1) * sh + kh, (bw - 1) * sw + kw)
+    return TileSet(out_corners.contiguous(), in_corners.contiguous(), (bh, bw), in_tile, count)
+
+
+def blob_mask(
+    height: int,
+    width: int,
+    fraction: float,
+    seed: int = 0,
+    num_blobs: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A deterministic edit mask of one to three compact elliptical blobs covering ``fraction``.
+
+    The one mask generator that tests, benchmarks and the CLI share. The same ``(height, width,
+    fraction, seed, num_blobs)`` gives the same mask on every machine (numpy's seeded generator,
+    no device arithmetic). The covered area is within one percent (relative) of the target, or
+    a few pixels for tiny masks; ``fraction >= 1`` gives a full mask, ``<= 0`` an empty one.
+
+    Args:
+        height, width: mask size.
+        fraction: target share of masked pixels, in [0, 1].
+        seed: selects blob count (unless given), centres, shapes and area split.
+        num_blobs: 1 to 3 to fix the count.
+        device: where the returned tensor lives.
+
+    Returns:
+        bool ``[height, width]``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"blob_mask: size must be positive, got {height}x{width}")
+    if fraction >= 1.0:
+        return torch.ones(height, width, dtype=torch.bool, device=device)
+    if fraction <= 0.0:
+        return torch.zeros(height, width, dtype=torch.bool, device=device)
+    rng = np.random.default_rng(seed)
+    k = int(num_blobs) if num_blobs is not None else int(rng.integers(1, 4))
+    if not 1 <= k <= 3:
+        raise ValueError(f"num_blobs: expected 1 to 3, got {num_blobs}")
+    share = rng.dirichlet(np.full(k, 4.0))  # area split, no blob vanishingly small
+    aspect = rng.uniform(0.6, 1.6, size=k)
+    # keep centres away from the border in proportion to the blob size, so blobs stay compact
+    radius0 = np.sqrt(share * fraction * height * width / np.pi)
+    cy = rng.uniform(0.15, 0.85, size=k) * height
+    cx = rng.uniform(0.15, 0.85, size=k) * width
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    target = fraction * height * width
+
+    def render(scale: float) -> np.ndarray:
+        out = np.zeros((height, width), dtype=bool)
+        for i in range(k):
+            ry = max(radius0[i] * scale * np.sqrt(aspect[i]), 0.5)
+            rx = max(radius0[i] * scale / np.sqrt(aspect[i]), 0.5)
+            out |= ((yy - cy[i]) / ry) ** 2 + ((xx - cx[i]) / rx) ** 2 <= 1.0
+        return out
+
+    lo, hi = 0.0, 1.0
+    while render(hi).sum() < target and hi < 1e4:
+        hi *= 2.0
+    for _ in range(60):  # bisection on a common radius scale: area is monotone in it
+        mid = 0.5 * (lo + hi)
+        if render(mid).sum() < target:
+            lo = mid
+        else:
+            hi = mid
+    best = render(hi)
+    if not best.any():  # fractions below one pixel still give one pixel
+        best[int(cy[0]) % height, int(cx[0]) % width] = True
+    return torch.from_numpy(best).to(device)

@@ -1,0 +1,96 @@
+"""The Triton kernels on a CUDA GPU, against the CPU reference (skipped without CUDA)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigec.kernels import (
+    ACTIVATIONS,
+    gather_reference,
+    restore_reference,
+    scatter_reference,
+)
+from sigec.runtime.masks import active_tiles, blob_mask
+from tests.kernels.cases import TILE_CASES, corners_tensor
+
+pytestmark = pytest.mark.gpu
+
+GPU_DTYPES = [
+    pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-2, 1e-2, id="bf16"),
+]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
+@pytest.mark.parametrize("n, c, h, w, th, tw, corners", TILE_CASES)
+def test_ops_on_cuda_match_reference(n, c, h, w, th, tw, corners, dtype, atol, rtol, memory_format):
+    co = corners_tensor(corners)
+    x = torch.randn(n, c, h, w).to(dtype).to(memory_format=memory_format)
+    xg, cog = x.cuda(), co.cuda()
+    # pure copies: bit-exact
+    torch.testing.assert_close(
+        torch.ops.sigec.gather(xg, cog, th, tw).cpu(),
+        gather_reference(x, co, th, tw),
+        atol=0,
+        rtol=0,
+    )
+    tiles = torch.randn(n * len(corners), c, th, tw).to(dtype)
+    res = torch.randn(n, c, h, w).to(dtype)
+    out = torch.randn(n, c, h, w).to(dtype).to(memory_format=memory_format)
+    out_g = out.cuda()
+    torch.ops.sigec.scatter(out_g, tiles.cuda(), cog, res.cuda())
+    scatter_reference(out, tiles, co, res)
+    torch.testing.assert_close(out_g.cpu(), out, atol=0, rtol=0)
+    work_g = out_g.clone()
+    torch.ops.sigec.restore(work_g, xg, cog, th, tw)
+    restore_reference(out, x, co, th, tw)
+    torch.testing.assert_close(work_g.cpu(), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_gather_prologue_on_cuda(act, dtype, atol, rtol):
+    co = corners_tensor([(-2, -2), (2, 5), (4, 0)])
+    x = torch.randn(2, 37, 6, 7).to(dtype)
+    scale, shift = torch.randn(2, 37), torch.randn(2, 37)
+    for act_first in (False, True):
+        args = (co, 4, 4, scale, shift, act, 0.2, act_first)
+        got = torch.ops.sigec.gather(x.cuda(), co.cuda(), *args[1:3], scale.cuda(), shift.cuda(),
+                                     *args[5:])  # fmt: skip
+        torch.testing.assert_close(got.cpu(), gather_reference(x, *args), atol=atol, rtol=rtol)
+
+
+def test_64_bit_offsets():
+    # 33 * 8192 * 8192 > 2**31 elements: the last channel is past the int32 range
+    x = torch.empty(1, 33, 8192, 8192, dtype=torch.float16, device="cuda")
+    x[0, -1, -8:, -8:] = torch.randn(8, 8, device="cuda").half()
+    co = torch.tensor([[8190, 8190]], dtype=torch.int32, device="cuda")
+    tiles = torch.ops.sigec.gather(x, co, 4, 4)
+    torch.testing.assert_close(tiles[0, -1, :2, :2], x[0, -1, -2:, -2:], atol=0, rtol=0)
+    assert (tiles[0, :, 2:, :] == 0).all() and (tiles[0, :, :, 2:] == 0).all()
+    new = torch.randn_like(tiles)
+    torch.ops.sigec.scatter(x, new, co)
+    torch.testing.assert_close(x[0, -1, -2:, -2:], new[0, -1, :2, :2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
+def test_sparse_conv_on_cuda_without_host_sync(dtype, atol, rtol):
+    x = torch.randn(2, 16, 64, 64, device="cuda", dtype=dtype)
+    weight = torch.randn(32, 16, 3, 3, device="cuda", dtype=dtype) / 12
+    dense = F.conv2d(x, weight, padding=1)
+    mask = blob_mask(64, 64, 0.05, seed=0, device="cuda")
+    out = torch.zeros_like(dense)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
+    try:
+        tiles = active_tiles(mask, 3, 1, 1, 6, capacity=128)
+        batch = torch.ops.sigec.gather(x, tiles.in_corners, *tiles.in_tile,
+                                       num_active=tiles.num_active, check_values=False)  # fmt: skip
+        out_tiles = F.conv2d(batch, weight)
+        torch.ops.sigec.scatter(out, out_tiles, tiles.out_corners, num_active=tiles.num_active,
+                                check_values=False)  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out[:, :, mask], dense[:, :, mask], atol=atol * 10, rtol=rtol * 10)

@@ -1,0 +1,73 @@
+"""Tests for sigec/kernels/restore.py: only the listed tiles come back, bit-exact."""
+
+import pytest
+import torch
+
+from sigec.kernels import restore, restore_reference, restore_triton
+from tests.kernels.cases import TILE_CASES, corners_tensor
+
+
+def mask_oracle(work, cache, corners, th, tw):
+    """Restore the obvious way: a boolean map of the covered pixels, then torch.where."""
+    h, w = work.shape[2:]
+    covered = torch.zeros(h, w, dtype=torch.bool)
+    for y, x in corners:
+        covered[max(y, 0) : max(y + th, 0), max(x, 0) : max(x + tw, 0)] = True
+    return torch.where(covered, cache, work)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("impl", [restore_reference, restore_triton], ids=["ref", "triton"])
+@pytest.mark.parametrize("n, c, h, w, th, tw, corners", TILE_CASES)
+def test_matches_oracle_bit_exact(n, c, h, w, th, tw, corners, impl, dtype):
+    work = torch.randn(n, c, h, w).to(dtype)
+    cache = torch.randn(n, c, h, w).to(dtype)
+    want = mask_oracle(work, cache, corners, th, tw)
+    impl(work, cache, corners_tensor(corners), th, tw)
+    torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+def test_channels_last_work_contiguous_cache():
+    work = torch.randn(2, 5, 7, 9).to(memory_format=torch.channels_last)
+    cache = torch.randn(2, 5, 7, 9)
+    corners = [(-1, -1), (3, 6)]
+    want = mask_oracle(work.contiguous(), cache, corners, 4, 4)
+    restore_triton(work, cache, corners_tensor(corners), 4, 4)
+    assert work.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("impl", [restore_reference, restore_triton], ids=["ref", "triton"])
+def test_capacity_padding_rows_copy_nothing(impl):
+    work, cache = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    want = mask_oracle(work, cache, [(4, 4)], 4, 4)
+    impl(work, cache, corners_tensor([(4, 4), (0, 0)]), 4, 4, torch.tensor([1], dtype=torch.int32))
+    torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+def test_public_op_and_opcheck():
+    work, cache = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)
+    want = mask_oracle(work, cache, [(2, 2)], 4, 4)
+    torch.ops.sigec.restore(work, cache, corners_tensor([(2, 2)]), 4, 4)
+    torch.testing.assert_close(work, want, atol=0, rtol=0)
+    torch.library.opcheck(restore, (work, cache, corners_tensor([(2, 2)]), 4, 4))
+
+
+BAD_CALLS = [
+    ("cache shape", {"cache": torch.randn(1, 2, 8, 7)}, ValueError, "cache: expected the shape"),
+    ("cache dtype", {"cache": torch.randn(1, 2, 8, 8).half()}, TypeError, "cache: expected dtype"),
+    ("work rank", {"work": torch.randn(2, 8, 8)}, ValueError, "work: expected a 4-D"),
+    ("corners rank", {"corners": torch.zeros(2, dtype=torch.int32)}, ValueError, "corners"),
+    ("corners range", {"corners": corners_tensor([(0, -8)])}, ValueError, "row 0"),
+]
+
+
+@pytest.mark.parametrize("why, override, exc, words", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+@pytest.mark.parametrize("fn", [torch.ops.sigec.restore, restore_triton], ids=["op", "triton"])
+def test_bad_input_is_a_typed_error(fn, why, override, exc, words):
+    call = {"work": torch.randn(1, 2, 8, 8), "cache": torch.randn(1, 2, 8, 8),
+            "corners": corners_tensor([(0, 0)]), "tile_h": 4, "tile_w": 4}  # fmt: skip
+    call.update(override)
+    with pytest.raises(exc) as info:
+        fn(**call)
+    assert words in str(info.value)
