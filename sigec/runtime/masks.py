@@ -213,10 +213,10 @@ def active_tiles(
         count = (flat >= 0).sum().to(torch.int32).reshape(1)
         flat = flat.clamp_min(0)
         idx = torch.stack([flat // gw, flat % gw], dim=1).to(torch.int32)
-    tile_hw = torch.tensor([bh, bw], dtype=torch.int32, device=idx.device)
-    out_corners = idx * tile_hw
-    in_corners = out_corners * torch.tensor([sh, sw], dtype=torch.int32, device=idx.device)
-    in_corners = in_corners - torch.tensor([ph, pw], dtype=torch.int32, device=idx.device)
+    # python scalars only: a host-made tensor copied to the GPU would be a sync
+    oy, ox = idx[:, 0] * bh, idx[:, 1] * bw
+    out_corners = torch.stack([oy, ox], dim=1)
+    in_corners = torch.stack([oy * sh - ph, ox * sw - pw], dim=1)
     in_tile = ((bh - 1) * sh + kh, (bw - 1) * sw + kw)
     return TileSet(out_corners.contiguous(), in_corners.contiguous(), (bh, bw), in_tile, count)
 

@@ -1,6 +1,8 @@
 """Tile layouts shared by the gather / scatter / restore tests.
 
-Each case: (N, C, H, W, tile_h, tile_w, corners) with corners as a list of (y, x).
+Each case: (N, C, H, W, tile_h, tile_w, corners) with corners as a list of (y, x). Tiles never
+overlap: that is scatter's contract (the tile grid of a conv never overlaps), and on a GPU
+overlapping writes race. ``test_cases_do_not_overlap`` holds the table to it.
 """
 
 import pytest
@@ -20,15 +22,8 @@ TILE_CASES = [
     pytest.param(1, 2, 7, 9, 4, 4, _grid(7, 9, 4, 4), id="ragged-edges"),
     # tiles hanging off every border and corner (halo reads / writes outside the map)
     pytest.param(
-        1,
-        3,
-        6,
-        7,
-        4,
-        4,
-        [(-2, -2), (-2, 2), (-3, 5), (2, -3), (2, 5), (4, -1), (4, 2), (5, 6)],
-        id="off-every-border",
-    ),  # fmt: skip
+        1, 3, 5, 7, 4, 4, [(y, x) for y in (-2, 2) for x in (-3, 1, 5)], id="off-every-border"
+    ),
     # tiles wholly in the padding band (a 1x1 conv with padding 1 reads such input tiles)
     pytest.param(1, 2, 5, 5, 2, 2, [(5, 0), (-2, -2), (2, 2), (0, 6)], id="tiles-in-padding"),
     # a single interior tile
@@ -38,9 +33,9 @@ TILE_CASES = [
     # batch > 1, non-square tiles
     pytest.param(3, 2, 6, 10, 3, 5, [(0, 0), (3, 5), (-1, 7)], id="batch3-nonsquare"),
     # channels not a multiple of the channel block (8x8 tiles: 64 channels per block)
-    pytest.param(1, 70, 8, 8, 8, 8, [(0, 0), (-1, 3)], id="channels-70"),
+    pytest.param(1, 70, 8, 16, 8, 8, [(0, 0), (-1, 8)], id="channels-70"),
     # a tile with more pixels than one pixel block (1024)
-    pytest.param(1, 2, 40, 40, 33, 33, [(-1, -1), (20, 20)], id="big-tile"),
+    pytest.param(1, 2, 40, 40, 33, 33, [(-1, -1), (32, 7)], id="big-tile"),
 ]
 
 
@@ -53,3 +48,12 @@ DTYPE_TOLS = [
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
     pytest.param(torch.float16, 1e-3, 1e-3, id="fp16"),
 ]
+
+
+def overlapping_pair(corners, th, tw):
+    """The first pair of tiles that share a pixel, or None."""
+    for i, (y0, x0) in enumerate(corners):
+        for y1, x1 in corners[i + 1 :]:
+            if abs(y0 - y1) < th and abs(x0 - x1) < tw:
+                return (y0, x0), (y1, x1)
+    return None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sigec.kernels import scatter, scatter_reference, scatter_triton
-from tests.kernels.cases import TILE_CASES, corners_tensor
+from tests.kernels.cases import TILE_CASES, corners_tensor, overlapping_pair
 
 
 def loop_oracle(out, tiles, corners, residual=None):
@@ -24,6 +24,11 @@ def loop_oracle(out, tiles, corners, residual=None):
                             v = v + residual[n, :, y, x].float()
                         out[n, :, y, x] = v.to(out.dtype)
     return out
+
+
+@pytest.mark.parametrize("n, c, h, w, th, tw, corners", TILE_CASES)
+def test_cases_do_not_overlap(n, c, h, w, th, tw, corners):
+    assert overlapping_pair(corners, th, tw) is None
 
 
 def _tiles(n, c, th, tw, m, dtype=torch.float32):
