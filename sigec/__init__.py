@@ -2,4 +2,25 @@
 
 __version__ = "0.1.0"
 
-from sigec import kernels  # noqa: F401,E402  (registers torch.ops.sigec.*)
+from sigec import kernels  # noqa: E402,F401  (registers torch.ops.sigec.*)
+from sigec.api import compile  # noqa: E402
+from sigec.config import SparseConfig  # noqa: E402
+from sigec.errors import (  # noqa: E402
+    CaptureError,
+    InputMismatchError,
+    MaskError,
+    NotRecordedError,
+    SigecError,
+    StaleCacheError,
+)
+
+__all__ = [
+    "CaptureError",
+    "InputMismatchError",
+    "MaskError",
+    "NotRecordedError",
+    "SigecError",
+    "SparseConfig",
+    "StaleCacheError",
+    "compile",
+]

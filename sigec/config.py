@@ -1,0 +1,72 @@
+"""SparseConfig: every knob of ``sigec.compile`` in one frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+MASK_POLICIES = ("truncated", "exact")
+NORM_STATS = ("cached",)
+
+
+def _default_block_sizes():
+    return MappingProxyType({"3x3": 6, "1x1": 4, "other": 6, "pointwise": 8})
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How sigec turns a model into an incremental engine.
+
+    Attributes:
+        mask_policy: "truncated" (SIGE's per-resolution masks: the changed region does not grow with
+            depth inside a resolution; fast, approximate) or "exact" (masks grown through every
+            conv's receptive field, any global op makes its output fully active, normalisation
+            statistics recomputed; equals the dense model on the edited input: the oracle).
+        block_size: output tile size per conv kind: "3x3", "1x1", "other" (any other kernel), and
+            "pointwise" for ops that run on tiles without a conv (elementwise ops, upsampling).
+            The "pointwise" size must be divisible by every nearest-upsampling factor.
+        mask_eps: a pixel counts as edited when any channel of any image input changed by more.
+        mask_dilation: square dilation (pixels) of the edit mask at the input resolution.
+        mask_threshold: bilinear coverage above which a downsampled mask pixel is on (truncated).
+        mask_level_dilation: dilation (pixels) applied at every derived resolution (truncated).
+        sparse_min_resolution: maps whose smaller side is below this run dense.
+        spatial_inputs: names (flat positional index as str, or keyword name) of the inputs that are
+            images; None means every 4-D floating-point input.
+        norm_stats: "cached": normalisation statistics come from the recorded run (SIGE).
+    """
+
+    mask_policy: str = "truncated"
+    block_size: MappingProxyType = field(default_factory=_default_block_sizes)
+    mask_eps: float = 0.0
+    mask_dilation: int = 0
+    mask_threshold: float = 0.3
+    mask_level_dilation: int = 1
+    sparse_min_resolution: int = 1
+    spatial_inputs: tuple[str, ...] | None = None
+    norm_stats: str = "cached"
+
+    def __post_init__(self):
+        if self.mask_policy not in MASK_POLICIES:
+            raise ValueError(f"mask_policy: expected one of {MASK_POLICIES}, got {self.mask_policy!r}")
+        if self.norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
+        sizes = dict(_default_block_sizes())
+        sizes.update(dict(self.block_size))
+        unknown = set(sizes) - {"3x3", "1x1", "other", "pointwise"}
+        if unknown:
+            raise ValueError(f"block_size: unknown conv kinds {sorted(unknown)}")
+        if any(not isinstance(v, int) or v < 1 for v in sizes.values()):
+            raise ValueError(f"block_size: tile sizes must be positive ints, got {sizes}")
+        object.__setattr__(self, "block_size", MappingProxyType(sizes))
+        if self.mask_dilation < 0 or self.mask_level_dilation < 0:
+            raise ValueError("mask_dilation and mask_level_dilation must be >= 0")
+        if self.spatial_inputs is not None:
+            object.__setattr__(self, "spatial_inputs", tuple(str(s) for s in self.spatial_inputs))
+
+    def tile_for_kernel(self, kh: int, kw: int) -> int:
+        """Output tile size for a conv with this kernel."""
+        if (kh, kw) == (3, 3):
+            return self.block_size["3x3"]
+        if (kh, kw) == (1, 1):
+            return self.block_size["1x1"]
+        return self.block_size["other"]

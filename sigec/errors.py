@@ -1,0 +1,29 @@
+"""Errors a user of sigec can hit. Each says what was wrong and what to do."""
+
+
+class SigecError(Exception):
+    """Base class of sigec's own errors."""
+
+
+class NotRecordedError(SigecError, RuntimeError):
+    """``edit`` or ``commit`` before ``record`` for that slot."""
+
+
+class StaleCacheError(SigecError, ValueError):
+    """A non-image input (timestep, prompt embedding, label) differs from the recorded one."""
+
+
+class InputMismatchError(SigecError, ValueError):
+    """Inputs whose shape, dtype, device or structure differ from what the engine was compiled for."""
+
+
+class MaskError(SigecError, ValueError):
+    """An edit mask of the wrong size, rank or type."""
+
+
+class CaptureError(SigecError, RuntimeError):
+    """The model could not be captured as a graph."""
+
+
+class CheckpointError(SigecError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not match the model."""

@@ -1,0 +1,290 @@
+"""Analysis passes: classify every node; never mutate the graph.
+
+Each pass writes one frozen ``NodeInfo`` per node under ``node.meta["sigec"]`` (replacing the
+previous one with ``dataclasses.replace``). Errors name the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from sigec.config import SparseConfig
+from sigec.runtime.program import MaskRule
+
+aten = torch.ops.aten
+
+# --- op tables: which ATen ops sigec knows how to run on tiles ------------------------------------
+
+CONV_OPS = {aten.conv2d.default, aten.convolution.default}
+
+# Activations the gather prologue can fuse: op -> (name, slope argument index or None).
+ACTIVATION_OPS = {
+    aten.silu.default: ("silu", None),
+    aten.relu.default: ("relu", None),
+    aten.leaky_relu.default: ("leaky_relu", 1),
+    aten.gelu.default: ("gelu", None),
+}
+
+# Ops whose output pixel depends only on the same pixel of their inputs (run on tiles).
+POINTWISE_OPS = {
+    *ACTIVATION_OPS,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
+    aten.neg.default, aten.sigmoid.default, aten.tanh.default, aten.exp.default,
+    aten.pow.Tensor_Scalar, aten.clamp.default, aten.hardtanh.default, aten.abs.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default,
+    aten.to.dtype, aten._to_copy.default, aten.dropout.default,
+    aten.silu_.default, aten.relu_.default,
+}  # fmt: skip
+
+UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
+NORM_OPS = {aten.group_norm.default, aten.batch_norm.default}
+SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
+ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+MATMUL_OPS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+LINEAR_OPS = {aten.linear.default, aten.addmm.default}
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What sigec knows about one node.
+
+    Attributes:
+        role: "input" (an image input), "other_input" (timestep, embedding, flags), "param"
+            (weights and buffers), "const" (computed from params only: folded at compile),
+            "static" (computed from non-image inputs: cached at record), "dependent"
+            (depends on an image input: recomputed by the edit).
+        spatial: a dependent 4-D map ``[N, C, H, W]``.
+        resolution: ``(H, W)`` of a spatial node.
+        op: the op class sigec sees: "conv", "pointwise", "cat", "norm", "upsample", "resample",
+            "side_effect", "dense", "input" or "".
+        mode: how the edit runs it: "sparse" (on tiles), "fold" (a normalisation folded into
+            scale/shift), "dense" (on full maps), "cached", "const", or "" (nothing to do).
+        reason: why a dependent node runs dense.
+    """
+
+    role: str = ""
+    spatial: bool = False
+    resolution: tuple[int, int] | None = None
+    op: str = ""
+    mode: str = ""
+    reason: str = ""
+
+
+def info(node: torch.fx.Node) -> NodeInfo:
+    return node.meta.get("sigec", NodeInfo())
+
+
+def set_info(node: torch.fx.Node, **changes) -> None:
+    node.meta["sigec"] = dataclasses.replace(info(node), **changes)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _is_map(val) -> bool:
+    return isinstance(val, torch.Tensor) and val.dim() == 4
+
+
+def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Node arguments of ``node`` (flattened), in order, without duplicates."""
+    return list(dict.fromkeys(node.all_input_nodes))
+
+
+# --- pass 1: roles ----------------------------------------------------------------------------------
+
+
+def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
+    """Role of every node: image input, other input, param, const, static or dependent."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kinds = dict(zip(placeholders, input_kinds, strict=True))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            role = "input" if kinds[node] == "spatial" else "other_input"
+        elif node.op == "get_attr":
+            role = "param"
+        elif node.op == "output":
+            role = "output"
+        else:
+            roles = {info(a).role for a in node.all_input_nodes}
+            if roles & {"input", "dependent"}:
+                role = "dependent"
+            elif roles & {"other_input", "static"}:
+                role = "static"
+            else:
+                role = "const"
+        val = _val(node)
+        spatial = role in ("input", "dependent") and _is_map(val)
+        res = tuple(int(s) for s in val.shape[-2:]) if spatial else None
+        set_info(node, role=role, spatial=spatial, resolution=res)
+
+
+# --- pass 2: op classes and execution modes ----------------------------------------------------------
+
+
+def _conv_params(node: torch.fx.Node):
+    """(weight node, bias, stride, padding, dilation, groups) of a conv node, or None if not 2-D."""
+    a = list(node.args) + [None] * 9
+    if node.target == aten.convolution.default:
+        x, w, b, stride, padding, dilation, transposed, _, groups = a[:9]
+        if transposed:
+            return None
+    else:
+        x, w, b = a[:3]
+        stride = node.kwargs.get("stride", a[3] if a[3] is not None else [1, 1])
+        padding = node.kwargs.get("padding", a[4] if a[4] is not None else [0, 0])
+        dilation = node.kwargs.get("dilation", a[5] if a[5] is not None else [1, 1])
+        groups = node.kwargs.get("groups", a[6] if a[6] is not None else 1)
+    if isinstance(padding, str):
+        return None  # "same"/"valid" string padding: not rewritten
+    pair = lambda v: (int(v[0]), int(v[-1])) if isinstance(v, list | tuple) else (int(v), int(v))
+    return w, b, pair(stride), pair(padding), pair(dilation), int(groups)
+
+
+def conv_params(node: torch.fx.Node):
+    return _conv_params(node)
+
+
+def upsample_factor(node: torch.fx.Node) -> int | None:
+    """Integer nearest-upsampling factor (same on both axes), or None."""
+    x = node.args[0]
+    vin, vout = _val(x), _val(node)
+    if vin is None or vout is None:
+        return None
+    (hi, wi), (ho, wo) = vin.shape[-2:], vout.shape[-2:]
+    if ho % hi or wo % wi or ho // hi != wo // wi or ho <= hi:
+        return None
+    return ho // hi
+
+
+def _operands_fit_tiles(node: torch.fx.Node, res) -> str:
+    """'' when every tensor operand is a map at ``res`` or broadcasts per sample; else why not."""
+    for a in node.all_input_nodes:
+        v = _val(a)
+        if not isinstance(v, torch.Tensor):
+            continue
+        if info(a).spatial:
+            if tuple(v.shape[-2:]) != res:
+                return f"operand {a.name} is at another resolution {tuple(v.shape[-2:])}"
+        elif (v.dim() >= 2 and tuple(v.shape[-2:]) != (1, 1)) or (v.dim() < 2 and v.numel() > 1):
+            return f"operand {a.name} of shape {tuple(v.shape)} does not broadcast per pixel"
+    return ""
+
+
+def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
+    """Op class and execution mode of every dependent node, with the reason for dense ones."""
+    exact = config.mask_policy == "exact"
+    for node in gm.graph.nodes:
+        ni = info(node)
+        if ni.role == "const":
+            set_info(node, mode="const")
+            continue
+        if ni.role == "static":
+            set_info(node, mode="cached")
+            continue
+        if ni.role == "input":
+            set_info(node, op="input")
+            continue
+        if ni.role != "dependent" or node.op != "call_function":
+            continue
+        target = node.target
+        if target in SIDE_EFFECT_OPS:
+            set_info(node, op="side_effect", mode="dense")
+            continue
+        if not ni.spatial:
+            set_info(node, op="dense", mode="dense", reason=_non_map_reason(node))
+            continue
+        res = ni.resolution
+        op, mode, reason = "dense", "dense", f"unsupported op {target}: runs dense"
+        if target in CONV_OPS:
+            op = "conv"
+            p = _conv_params(node)
+            if p is None:
+                reason = "transposed or string-padded convolution: runs dense"
+            elif info(p[0]).role in ("dependent", "input"):
+                reason = "convolution weights depend on an image input: runs dense"
+            elif not info(node.args[0]).spatial:
+                reason = "convolution input is not a map: runs dense"
+            else:
+                mode, reason = "sparse", ""
+        elif target in POINTWISE_OPS or target == aten.cat.default:
+            op = "cat" if target == aten.cat.default else "pointwise"
+            why = _operands_fit_tiles(node, res)
+            if op == "cat" and (node.args[1] if len(node.args) > 1 else 0) not in (1, -3):
+                why = "concatenation along a dimension other than channels"
+            mode, reason = ("dense", f"{why}: runs dense") if why else ("sparse", "")
+        elif target in NORM_OPS:
+            op = "norm"
+            if target == aten.batch_norm.default and node.args[5]:
+                reason = "batch_norm in training mode: runs dense (call model.eval() first)"
+            elif target == aten.group_norm.default and exact:
+                reason = "group_norm statistics span the whole map (exact policy): runs dense"
+            else:
+                mode, reason = "fold", ""
+        elif target in UPSAMPLE_OPS:
+            f = upsample_factor(node)
+            if f is not None and config.block_size["pointwise"] % f == 0:
+                op, mode, reason = "upsample", "sparse", ""
+            else:
+                op = "resample"
+                reason = "nearest resampling by a non-integer or downsampling factor: runs dense"
+        if mode != "dense" and min(res) < config.sparse_min_resolution:
+            mode = "dense"
+            reason = (
+                f"resolution {res[0]}x{res[1]} is below sparse_min_resolution "
+                f"{config.sparse_min_resolution}: runs dense"
+            )
+        set_info(node, op=op, mode=mode, reason=reason)
+
+
+def _non_map_reason(node: torch.fx.Node) -> str:
+    if node.target in ATTENTION_OPS or node.target in MATMUL_OPS:
+        return "attention / matmul over tokens: runs dense (sparse attention is not implemented yet)"
+    return f"{node.target} on a non-map tensor derived from an image: runs dense"
+
+
+# --- pass 3: mask rules (exact policy) --------------------------------------------------------------
+
+
+def mask_rules(gm: torch.fx.GraphModule):
+    """How each dependent node's changed region follows from its inputs', in graph order.
+
+    Rules follow op semantics, not the execution mode: a conv that runs dense still changes only
+    its inputs' receptive field. Unknown ops and normalisations with recomputed statistics are
+    global ("full").
+    """
+    rules = []
+    for node in gm.graph.nodes:
+        ni = info(node)
+        if ni.role == "input":
+            rules.append(MaskRule(node.name, "input"))
+            continue
+        if ni.role != "dependent" or node.op != "call_function":
+            continue
+        srcs = tuple(a.name for a in node.all_input_nodes if info(a).role in ("input", "dependent"))
+        map_srcs = tuple(
+            a.name for a in node.all_input_nodes if info(a).spatial and info(a).role != "param"
+        )
+        rule = MaskRule(node.name, "full", srcs)
+        if ni.spatial and ni.op == "conv" and conv_params(node) is not None:
+            _, _, stride, padding, dilation, _ = conv_params(node)
+            kh, kw = node.args[1].meta["val"].shape[-2:]
+            kernel = (dilation[0] * (int(kh) - 1) + 1, dilation[1] * (int(kw) - 1) + 1)
+            if info(node.args[0]).spatial:
+                rule = MaskRule(node.name, "conv", (node.args[0].name,), kernel, stride, padding)
+        elif ni.spatial and ni.op in ("pointwise", "cat") and len(map_srcs) == len(srcs):
+            if not _operands_fit_tiles(node, ni.resolution):
+                rule = MaskRule(node.name, "union", map_srcs)
+        elif ni.spatial and ni.op == "norm" and ni.mode == "fold":
+            rule = MaskRule(node.name, "union", map_srcs)
+        elif ni.spatial and ni.op == "upsample":
+            rule = MaskRule(node.name, "upsample", map_srcs, factor=upsample_factor(node))
+        elif ni.spatial and ni.op == "resample" and len(map_srcs) == 1:
+            rule = MaskRule(node.name, "resample", map_srcs, size=ni.resolution)
+        rules.append(rule)
+    return tuple(rules)

@@ -1,0 +1,125 @@
+"""The pass pipeline: capture -> analyses -> transforms -> a runnable ``Program``.
+
+Read ``PIPELINE`` top to bottom; the comment on each line says why it sits where it does.
+Set ``logging.getLogger("sigec.passes").setLevel(logging.DEBUG)`` to print the graph after each pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx
+
+from sigec.config import SparseConfig
+from sigec.errors import CaptureError
+from sigec.passes import rewrite as rw
+from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
+from sigec.passes.capture import capture
+from sigec.runtime import ops
+from sigec.runtime.program import MacEntry, Program
+
+log = logging.getLogger("sigec.passes")
+
+PIPELINE = (
+    rw.add_runtime_inputs,  # state / tiles placeholders: every later pass may use them
+    rw.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
+    rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
+    rw.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs so prologues see them
+    rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
+    rw.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
+    rw.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add
+    rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
+    rw.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
+    rw.eliminate_dead_code,  # last: drops the subgraphs the passes above made unused
+)
+
+
+def classify_inputs(flat_inputs, names, config: SparseConfig) -> list[str]:
+    """Per flat input: "spatial" (an image the edit changes), "tensor" or "const"."""
+    kinds = []
+    for value, name in zip(flat_inputs, names, strict=True):
+        if not isinstance(value, torch.Tensor):
+            kinds.append("const")
+        elif config.spatial_inputs is not None:
+            kinds.append("spatial" if name in config.spatial_inputs else "tensor")
+        else:
+            kinds.append("spatial" if value.dim() == 4 and value.is_floating_point() else "tensor")
+    if "spatial" not in kinds:
+        raise CaptureError(
+            f"no image input among {names}: sigec needs at least one; by default every 4-D "
+            "floating-point input is one, or name them with SparseConfig(spatial_inputs=...)"
+        )
+    return kinds
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def build_program(model, args, kwargs, config: SparseConfig) -> Program:
+    """Capture ``model`` and run the pipeline; the result is what ``SparseEngine`` executes."""
+    cap = capture(model, args, kwargs)
+    kinds = classify_inputs(cap.flat_inputs, cap.input_names, config)
+    record_gm = cap.gm
+    analyze_roles(record_gm, kinds)
+    analyze_ops(record_gm, config)
+    rules = mask_rules(record_gm) if config.mask_policy == "exact" else ()
+    macs = rw.count_macs(record_gm, config)
+
+    edit_gm = _copy_graph_module(record_gm)
+    ctx = rw.PassContext(config)
+    for pass_fn in PIPELINE:
+        result = pass_fn(edit_gm, ctx)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("after %s (%d changes):\n%s", result.name, result.changed, edit_gm.graph)
+
+    conv_tiles = {
+        n.meta["sigec_conv"]: n.kwargs["tile_key"]
+        for n in edit_gm.graph.nodes
+        if n.target is ops.sparse_conv2d
+    }
+    macs = tuple(
+        MacEntry(e.node, e.op, e.resolution, e.dense, "sparse", e.per_pixel, conv_tiles[e.node])
+        if e.node in conv_tiles
+        else e
+        for e in macs
+    )
+    nodes = list(record_gm.graph.nodes)
+    node_res = {n.name: info(n).resolution for n in nodes if info(n).spatial}
+    fallbacks = tuple(
+        (n.name, str(n.target), info(n).reason)
+        for n in nodes
+        if info(n).role == "dependent" and info(n).mode == "dense" and info(n).reason
+    )
+    ctx.bump("dense_fallbacks", len(fallbacks))
+    spatial_inputs = [v for v, k in zip(cap.flat_inputs, kinds, strict=True) if k == "spatial"]
+    example_meta = [
+        (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
+        for v in cap.flat_inputs
+    ]
+    return Program(
+        record_gm=record_gm,
+        edit_gm=edit_gm,
+        in_spec=cap.in_spec,
+        out_spec=cap.out_spec,
+        example_meta=example_meta,
+        input_kinds=kinds,
+        input_names=cap.input_names,
+        maps=dict(ctx.maps),
+        statics=tuple(ctx.statics),
+        norms=tuple(ctx.norms),
+        tile_requests=dict(ctx.tile_requests),
+        map_tiles=dict(ctx.map_tiles),
+        mask_rules=rules,
+        resolutions=tuple(sorted(set(node_res.values()), reverse=True)),
+        node_resolutions=node_res,
+        input_resolution=tuple(spatial_inputs[0].shape[-2:]),
+        macs=macs,
+        fallbacks=fallbacks,
+        counters=dict(ctx.counters),
+        policy=config.mask_policy,
+    )

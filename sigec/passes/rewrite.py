@@ -1,0 +1,381 @@
+"""Transform passes: turn a copy of the captured graph into the edit graph.
+
+Each pass is ``pass_fn(gm, ctx) -> PassResult``, mutates ``gm`` in place, ends with
+``gm.graph.lint(); gm.recompile()`` and bumps named counters in ``ctx.counters`` (tests assert on
+them). The edit graph takes ``(state, tiles, *flat_inputs)``: ``state`` is the slot's caches and
+working maps, ``tiles`` the edit's tile lists (see ``sigec.runtime.ops``).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from sigec.config import SparseConfig
+from sigec.passes.analysis import ACTIVATION_OPS, conv_params, info, set_info, upsample_factor
+from sigec.runtime import ops
+from sigec.runtime.program import MacEntry, NormFold, TileRequest
+
+aten = torch.ops.aten
+
+
+@dataclass
+class PassContext:
+    """What the passes share and hand to the emitted ``Program``."""
+
+    config: SparseConfig
+    counters: dict[str, int] = field(default_factory=dict)
+    consts: dict[str, torch.Tensor] = field(default_factory=dict)  # folded at compile
+    statics: list[str] = field(default_factory=list)  # cached at record
+    norms: list[NormFold] = field(default_factory=list)
+    maps: dict[str, tuple] = field(default_factory=dict)  # name -> (shape, dtype)
+    tile_requests: dict[str, TileRequest] = field(default_factory=dict)
+    map_tiles: dict[str, str] = field(default_factory=dict)
+    state: torch.fx.Node | None = None
+    tiles: torch.fx.Node | None = None
+
+    def bump(self, counter: str, by: int = 1) -> None:
+        self.counters[counter] = self.counters.get(counter, 0) + by
+
+    def request(self, node_name: str, res, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
+                tile=None, in_scale=1) -> str:  # fmt: skip
+        """Register the tile list that the op writing map ``node_name`` needs; return its key."""
+        t = tile if tile is not None else self.config.block_size["pointwise"]
+        mask = node_name if self.config.mask_policy == "exact" else tuple(res)
+        req = TileRequest(mask, tuple(kernel), tuple(stride), tuple(padding), (t, t), in_scale)
+        mask_txt = mask if isinstance(mask, str) else f"{mask[0]}x{mask[1]}"
+        key = (
+            f"{mask_txt}|k{req.kernel[0]}x{req.kernel[1]}|s{req.stride[0]}x{req.stride[1]}"
+            f"|p{req.padding[0]}x{req.padding[1]}|t{t}|u{in_scale}"
+        )
+        self.tile_requests[key] = req
+        self.map_tiles[node_name] = key
+        return key
+
+    def add_map(self, name: str, node: torch.fx.Node) -> None:
+        """Register the working map named after captured node ``name``, shaped like ``node``."""
+        val = node.meta["val"]
+        self.maps[name] = (tuple(val.shape), val.dtype)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    name: str
+    changed: int
+
+
+def _finish(gm: torch.fx.GraphModule, name: str, changed: int) -> PassResult:
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(name, changed)
+
+
+def add_runtime_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Prepend the ``state`` and ``tiles`` placeholders the runtime ops read."""
+    first = next(iter(gm.graph.nodes))
+    with gm.graph.inserting_before(first):
+        ctx.state = gm.graph.placeholder("sigec_state")
+        ctx.tiles = gm.graph.placeholder("sigec_tiles")
+    for n in (ctx.state, ctx.tiles):
+        n.meta["sigec"] = info(n)
+    return _finish(gm, "add_runtime_inputs", 2)
+
+
+def _used_by_edit(node: torch.fx.Node) -> bool:
+    return any(info(u).role in ("dependent", "output") for u in node.users)
+
+
+def fold_constants(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Nodes computed from weights only (e.g. spectral norm) become compile-time buffers."""
+    env: dict[torch.fx.Node, object] = {}
+    interp = torch.fx.Interpreter(gm)
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":
+            env[node] = interp.fetch_attr(node.target)
+        if info(node).role != "const" or node.op != "call_function":
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+        with torch.no_grad():
+            env[node] = node.target(*args, **kwargs)
+        if _used_by_edit(node) and isinstance(env[node], torch.Tensor):
+            attr = f"_sigec_const_{node.name}"
+            gm.register_buffer(attr, env[node].detach().clone())
+            ctx.consts[attr] = getattr(gm, attr)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.get_attr(attr)
+            new.meta.update(node.meta)
+            set_info(new, role="param", mode="")
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: info(u).role != "const")
+            changed += 1
+    ctx.bump("consts_folded", changed)
+    return _finish(gm, "fold_constants", changed)
+
+
+def cache_statics(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Nodes computed from non-image inputs (timestep embeddings...) are read from the record."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if info(node).role != "static" or not _used_by_edit(node):
+            continue
+        if not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ops.cached, (ctx.state, node.name))
+        new.meta.update(node.meta)
+        set_info(new, role="static", mode="cached")
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: info(u).role != "static")
+        ctx.statics.append(node.name)
+        changed += 1
+    ctx.bump("statics_cached", changed)
+    return _finish(gm, "cache_statics", changed)
+
+
+def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """GroupNorm (cached statistics) and eval BatchNorm -> ``affine(x, scale, shift)``."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if info(node).mode != "fold":
+            continue
+        a = list(node.args) + [None] * 9
+        if node.target == aten.group_norm.default:
+            x, groups, w, b = a[0], a[1], a[2], a[3]
+            eps = a[4] if a[4] is not None else 1e-5
+            spec = NormFold(node.name, "group_norm", x.name, _name(w), _name(b), float(eps),
+                            num_groups=int(groups))  # fmt: skip
+        else:  # batch_norm(input, weight, bias, running_mean, running_var, training, mom, eps, ..)
+            x, w, b, rm, rv, eps = a[0], a[1], a[2], a[3], a[4], a[7]
+            spec = NormFold(node.name, "batch_norm", x.name, _name(w), _name(b), float(eps),
+                            running_mean=_name(rm), running_var=_name(rv))  # fmt: skip
+        ctx.norms.append(spec)
+        with gm.graph.inserting_before(node):
+            scale = gm.graph.call_function(ops.norm_scale, (ctx.state, node.name))
+            shift = gm.graph.call_function(ops.norm_shift, (ctx.state, node.name))
+            new = gm.graph.call_function(ops.affine, (x, scale, shift))
+        for n in (scale, shift):
+            n.meta["sigec"] = info(n)
+            set_info(n, role="static", mode="cached")
+        new.meta.update(node.meta)
+        set_info(new, op="affine", mode="sparse")
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed += 1
+    ctx.bump("norms_folded", changed)
+    return _finish(gm, "fold_norms", changed)
+
+
+def _name(node) -> str | None:
+    return node.name if isinstance(node, torch.fx.Node) else None
+
+
+def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Every sparse conv -> ``sparse_conv2d`` (gather -> conv on tiles -> scatter)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        ni = info(node)
+        if ni.op != "conv" or ni.mode != "sparse" or node.op != "call_function":
+            continue
+        w, b, stride, padding, dilation, groups = conv_params(node)
+        kh, kw = node.args[1].meta["val"].shape[-2:]
+        kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+        tile = ctx.config.tile_for_kernel(int(kh), int(kw))
+        key = ctx.request(node.name, ni.resolution, kernel, stride, padding, tile)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                ops.sparse_conv2d,
+                (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
+                {"name": node.name, "tile_key": key},
+            )
+        new.meta.update(node.meta)
+        new.meta["sigec_conv"] = node.name  # the captured conv it computes (for MAC counts)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        ctx.add_map(new.kwargs["name"], new)
+        changed += 1
+    ctx.bump("convs_sparse", changed)
+    return _finish(gm, "rewrite_convs", changed)
+
+
+def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``conv(act(affine(x)))``, ``conv(affine(x))``, ``conv(act(x))``: fold into the gather."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.sparse_conv2d:
+            continue
+        src = node.args[2]
+        kwargs = dict(node.kwargs)
+        if src.op == "call_function" and src.target in ACTIVATION_OPS and info(src).mode == "sparse":
+            act, slope_idx = ACTIVATION_OPS[src.target]
+            if src.target == aten.gelu.default and src.kwargs.get("approximate", "none") == "tanh":
+                act = "gelu_tanh"
+            kwargs["act"] = act
+            if slope_idx is not None:
+                kwargs["slope"] = float(src.args[slope_idx]) if len(src.args) > slope_idx else 0.01
+            src = src.args[0]
+        if src.op == "call_function" and src.target is ops.affine:
+            kwargs["scale"], kwargs["shift"] = src.args[1], src.args[2]
+            src = src.args[0]
+        if src is node.args[2]:
+            continue
+        node.args = (*node.args[:2], src, *node.args[3:])
+        node.kwargs = kwargs
+        changed += 1
+    _dead_code(gm)
+    ctx.bump("prologues_fused", changed)
+    return _finish(gm, "fuse_prologues", changed)
+
+
+def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``add(sparse_conv(...), r)`` -> the conv's scatter adds ``r`` (the sum is written once)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target != aten.add.Tensor or info(node).mode != "sparse" or node.kwargs:
+            continue
+        if len(node.args) != 2:
+            continue
+        for conv, other in (node.args, node.args[::-1]):
+            if not (isinstance(conv, torch.fx.Node) and conv.target is ops.sparse_conv2d):
+                continue
+            if len(conv.users) != 1 or conv.kwargs.get("residual") is not None:
+                continue
+            ov = other.meta.get("val") if isinstance(other, torch.fx.Node) else None
+            if ov is None or tuple(ov.shape) != tuple(conv.meta["val"].shape):
+                continue
+            if not info(other).spatial or ov.dtype != conv.meta["val"].dtype:
+                continue
+            old_name = conv.kwargs["name"]
+            key = ctx.map_tiles.pop(old_name)
+            ctx.maps.pop(old_name)
+            req = ctx.tile_requests[key]
+            key = ctx.request(node.name, info(node).resolution, req.kernel, req.stride,
+                              req.padding, req.tile[0])  # fmt: skip
+            add_name = node.name
+            conv.kwargs = {**conv.kwargs, "name": add_name, "tile_key": key, "residual": other}
+            node.prepend(conv)  # the residual must exist before the fused conv runs
+            conv.meta["val"] = node.meta["val"]
+            node.replace_all_uses_with(conv)
+            gm.graph.erase_node(node)
+            ctx.add_map(add_name, conv)
+            changed += 1
+            break
+    ctx.bump("residuals_fused", changed)
+    return _finish(gm, "fuse_residuals", changed)
+
+
+def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Remaining sparse pointwise ops, concatenations and folded norms -> ``tile_op``."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        ni = info(node)
+        if node.op != "call_function" or ni.mode != "sparse":
+            continue
+        if node.target in (ops.sparse_conv2d,) or ni.op == "upsample":
+            continue
+        if not ni.spatial:
+            continue
+        is_map = lambda a: isinstance(a, torch.fx.Node) and info(a).spatial
+        flags = (
+            pytree.tree_map(is_map, node.args),
+            pytree.tree_map(is_map, dict(node.kwargs)),
+        )
+        key = ctx.request(node.name, ni.resolution)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                ops.tile_op,
+                (ctx.state, ctx.tiles, node.target, node.args, dict(node.kwargs), flags),
+                {"name": node.name, "tile_key": key},
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        ctx.add_map(new.kwargs["name"], new)
+        changed += 1
+    ctx.bump("tile_ops", changed)
+    return _finish(gm, "rewrite_tile_ops", changed)
+
+
+def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Nearest upsampling by an integer factor -> ``tile_upsample`` (tiles at both resolutions)."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        ni = info(node)
+        if ni.op != "upsample" or ni.mode != "sparse" or node.op != "call_function":
+            continue
+        f = upsample_factor(node)
+        key = ctx.request(node.name, ni.resolution, in_scale=f)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                ops.tile_upsample,
+                (ctx.state, ctx.tiles, node.args[0], f),
+                {"name": node.name, "tile_key": key},
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        ctx.add_map(new.kwargs["name"], new)
+        changed += 1
+    ctx.bump("upsamples_sparse", changed)
+    return _finish(gm, "rewrite_upsamples", changed)
+
+
+def _dead_code(gm: torch.fx.GraphModule) -> int:
+    """Remove nodes without users (runtime ops return the map they write: unused means dead)."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        if node.op == "call_function" and node.target in (aten._assert_tensor_metadata.default,):
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed
+
+
+def eliminate_dead_code(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Drop what no output needs (the static and const subgraphs the edit reads from caches)."""
+    removed = _dead_code(gm)
+    ctx.bump("nodes_removed", removed)
+    return _finish(gm, "eliminate_dead_code", removed)
+
+
+def count_macs(gm: torch.fx.GraphModule, config: SparseConfig) -> tuple[MacEntry, ...]:
+    """MACs of every conv / linear / attention node of the *captured* graph (analysis only)."""
+    entries = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        ni = info(node)
+        mode = {"const": "cached", "cached": "cached"}.get(ni.mode, "dense")
+        val = node.meta.get("val")
+        if node.target in (aten.conv2d.default, aten.convolution.default):
+            w = node.args[1].meta["val"]
+            p = conv_params(node)
+            groups = p[5] if p else 1
+            n, co, ho, wo = val.shape
+            per_px = int(co) * int(w.shape[1]) * int(w.shape[2]) * int(w.shape[3])
+            dense = int(n) * int(ho) * int(wo) * per_px
+            entries.append(MacEntry(node.name, "conv", (int(ho), int(wo)), dense, mode, per_px))
+            del groups  # w.shape[1] already is C_in / groups
+        elif node.target in (aten.linear.default,):
+            w = node.args[1].meta["val"]
+            rows = val.numel() // int(val.shape[-1])
+            dense = rows * int(w.shape[0]) * int(w.shape[1])
+            entries.append(MacEntry(node.name, "linear", None, dense, mode))
+        elif node.target == aten.addmm.default:
+            a, b = node.args[1].meta["val"], node.args[2].meta["val"]
+            entries.append(MacEntry(node.name, "linear", None, int(a.shape[0]) * int(a.shape[1])
+                                    * int(b.shape[1]), mode))  # fmt: skip
+        elif node.target == aten.scaled_dot_product_attention.default:
+            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+            lead = q.numel() // (int(q.shape[-2]) * int(q.shape[-1]))
+            dense = 2 * lead * int(q.shape[-2]) * int(k.shape[-2]) * int(q.shape[-1])
+            entries.append(MacEntry(node.name, "attention", None, dense, mode))
+        elif node.target in (aten.bmm.default, aten.baddbmm.default):
+            a = node.args[-2].meta["val"]
+            dense = int(a.shape[0]) * int(a.shape[1]) * int(a.shape[2]) * int(val.shape[-1])
+            entries.append(MacEntry(node.name, "attention", None, dense, mode))
+    return tuple(entries)

@@ -1,0 +1,370 @@
+"""SparseEngine: record / edit / commit over a compiled ``Program``, one cache slot per key.
+
+How an edit flows (see docs/how-it-works.md):
+1. inputs are checked against the compiled example (shape, dtype, device, structure) and the
+   non-image inputs against the slot's record (a different timestep or prompt is a stale cache);
+2. the edit mask is taken as given or computed as ``|edited - recorded| > mask_eps`` (any
+   channel), dilated by ``mask_dilation``;
+3. the tiles the previous edit wrote are restored from the cache (``sigec::restore``), so every
+   working map equals the record again, in O(previously active) work;
+4. the edit graph runs: sparse ops gather, compute and scatter their active tiles into the working
+   maps; dense ops run on full maps;
+5. ``commit`` swaps working maps and caches (no copy): the edit becomes the new original.
+
+Host synchronisation on the edit path: tile lists are built with ``nonzero`` (one sync per tile
+list) unless the caller asks for fixed capacities; the exact policy also reads mask emptiness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from sigec.errors import InputMismatchError, MaskError, NotRecordedError, StaleCacheError
+from sigec.kernels import restore
+from sigec.runtime.inputs import flatten_call
+from sigec.runtime.masks import TileSet, difference_mask, dilate
+from sigec.runtime.program import Program
+from sigec.runtime.tiles import TileTable, edit_masks
+
+
+class SlotState(torch.nn.Module):
+    """One slot's caches as registered buffers (they move with ``.to()`` and show in the repr).
+
+    Buffers: ``cache__<map>`` / ``work__<map>`` per sparse map, ``static__<node>`` per cached
+    value, ``norm__<node>__scale`` / ``__shift`` per folded normalisation, ``input__<i>`` per
+    recorded input tensor.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.dirty: dict[str, TileSet] = {}
+        self.map_names: list[str] = []
+        self.last_tiles: TileTable | None = None
+        self.pending_inputs: dict[int, torch.Tensor] | None = None
+
+    def add_map(self, name: str, value: torch.Tensor) -> None:
+        self.register_buffer(f"cache__{name}", value.detach().clone())
+        self.register_buffer(f"work__{name}", value.detach().clone())
+        self.map_names.append(name)
+
+    def work(self, name: str) -> torch.Tensor:
+        return self._buffers[f"work__{name}"]
+
+    def cache(self, name: str) -> torch.Tensor:
+        return self._buffers[f"cache__{name}"]
+
+    def static(self, name: str) -> torch.Tensor:
+        return self._buffers[f"static__{name}"]
+
+    def norm(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._buffers[f"norm__{name}__scale"], self._buffers[f"norm__{name}__shift"]
+
+    def recorded_input(self, i: int) -> torch.Tensor:
+        return self._buffers[f"input__{i}"]
+
+    def restore_dirty(self) -> None:
+        """Make every working map equal to its cache again, touching only the dirtied tiles."""
+        for name, ts in self.dirty.items():
+            restore(self.work(name), self.cache(name), ts.out_corners, ts.out_tile[0],
+                    ts.out_tile[1], ts.num_active, check_values=False)  # fmt: skip
+        self.dirty = {}
+
+    def swap(self) -> None:
+        for name in self.map_names:
+            c, w = f"cache__{name}", f"work__{name}"
+            self._buffers[c], self._buffers[w] = self._buffers[w], self._buffers[c]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class SparseEngine(torch.nn.Module):
+    """An incremental version of a model: ``record`` once, then ``edit`` many times.
+
+    Built by ``sigec.compile``; see its docstring for the call signatures.
+    """
+
+    def __init__(self, program: Program, config, rebuild: Callable | None = None):
+        super().__init__()
+        self.config = config
+        self._rebuild = rebuild
+        self._set_program(program)
+        self.slots = torch.nn.ModuleDict()
+
+    def _set_program(self, program: Program) -> None:
+        self.program = program
+        self.record_gm = program.record_gm
+        self.edit_gm = program.edit_gm
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def _flatten(self, args, kwargs) -> list:
+        flat = flatten_call(args, kwargs, self.program.in_spec)
+        for i, (value, meta) in enumerate(zip(flat, self.program.example_meta, strict=True)):
+            name = self.program.input_names[i]
+            if isinstance(meta, tuple) and len(meta) == 3 and isinstance(meta[1], torch.dtype):
+                shape, dtype, device = meta
+                if not isinstance(value, torch.Tensor):
+                    raise InputMismatchError(f"input {name}: expected a tensor, got {value!r}")
+                if tuple(value.shape) != shape:
+                    raise InputMismatchError(
+                        f"input {name}: shape {tuple(value.shape)} differs from the compiled "
+                        f"{shape}; compile another engine for this shape"
+                    )
+                if value.dtype != dtype or value.device != device:
+                    raise InputMismatchError(
+                        f"input {name}: {value.dtype} on {value.device}, but the engine runs "
+                        f"{dtype} on {device}; convert the input or call engine.to(...)"
+                    )
+            elif not _same_const(value, meta):
+                raise InputMismatchError(
+                    f"input {name}: {value!r} differs from the compiled {meta!r} (non-tensor "
+                    "inputs are fixed at compile time)"
+                )
+        return flat
+
+    def _slot(self, slot) -> SlotState:
+        key = str(slot)
+        if key not in self.slots:
+            raise NotRecordedError(
+                f"slot {slot!r} has no record: call engine.record(...) with the original inputs "
+                "(and slot=...) before edit or commit"
+            )
+        return self.slots[key]
+
+    def _check_not_stale(self, state: SlotState, flat: list) -> None:
+        for i, kind in enumerate(self.program.input_kinds):
+            if kind != "tensor":
+                continue
+            rec = state.recorded_input(i)
+            if not torch.equal(flat[i].to(rec.dtype), rec):
+                raise StaleCacheError(
+                    f"input {self.program.input_names[i]} differs from the one recorded in slot "
+                    "(timestep, prompt embedding or label changed): the cached features are "
+                    "stale. Record this input in its own slot (engine.record(..., slot=...)) "
+                    "and edit that slot."
+                )
+
+    # -- record / edit / commit ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def record(self, *args, slot=0, **kwargs):
+        """Run the model densely on the original inputs and fill this slot's caches.
+
+        Returns:
+            The model's output, in the model's own output type.
+        """
+        flat = self._flatten(args, kwargs)
+        prog = self.program
+        keep = set(prog.maps) | set(prog.statics)
+        for nf in prog.norms:
+            keep |= {n for n in (nf.input, nf.weight, nf.bias, nf.running_mean, nf.running_var)
+                     if n}  # fmt: skip
+        recorder = _Recorder(self.record_gm, keep)
+        outs = recorder.run(*flat)
+        values = recorder.kept
+        state = SlotState()
+        for name in prog.maps:
+            state.add_map(name, values[name])
+        for name in prog.statics:
+            state.register_buffer(f"static__{name}", values[name].detach().clone())
+        for nf in prog.norms:
+            scale, shift = _fold_norm(nf, values)
+            state.register_buffer(f"norm__{nf.name}__scale", scale)
+            state.register_buffer(f"norm__{nf.name}__shift", shift)
+        for i, kind in enumerate(prog.input_kinds):
+            if kind != "const":
+                state.register_buffer(f"input__{i}", flat[i].detach().clone())
+        self.slots[str(slot)] = state
+        return pytree.tree_unflatten(list(outs), prog.out_spec)
+
+    @torch.no_grad()
+    def edit(self, *args, slot=0, mask=None, **kwargs):
+        """Run the model on edited inputs, recomputing only the edited region.
+
+        Args:
+            *args, **kwargs: the model's inputs, with the edited image(s).
+            slot: which record to edit against.
+            mask: optional bool ``[H, W]`` or ``[B, H, W]`` at the image's resolution; default:
+                pixels where any channel changed by more than ``config.mask_eps``, dilated by
+                ``config.mask_dilation``.
+
+        Returns:
+            The model's output, in the model's own output type.
+        """
+        flat = self._flatten(args, kwargs)
+        state = self._slot(slot)
+        self._check_not_stale(state, flat)
+        edit_mask = self._edit_mask(state, flat, mask)
+        state.restore_dirty()
+        masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,
+                           self.config.mask_level_dilation)  # fmt: skip
+        tiles = TileTable(self.program, masks)
+        outs = self.edit_gm(state, tiles, *flat)
+        state.dirty = {
+            name: tiles[key]
+            for name, key in self.program.map_tiles.items()
+            if key in tiles.used() and name in self.program.maps
+        }
+        state.last_tiles = tiles
+        state.pending_inputs = {
+            i: flat[i] for i, k in enumerate(self.program.input_kinds) if k == "spatial"
+        }
+        outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
+        return pytree.tree_unflatten(outs, self.program.out_spec)
+
+    def commit(self, slot=0) -> None:
+        """Make the last edit of ``slot`` its new original (no copy: caches and maps swap)."""
+        state = self._slot(slot)
+        if state.pending_inputs is None:
+            return
+        state.swap()
+        for i, value in state.pending_inputs.items():
+            state.recorded_input(i).copy_(value)
+        state.pending_inputs = None
+
+    def _edit_mask(self, state: SlotState, flat: list, mask) -> torch.Tensor:
+        h, w = self.program.input_resolution
+        if mask is None:
+            m = None
+            for i, kind in enumerate(self.program.input_kinds):
+                if kind != "spatial":
+                    continue
+                d = difference_mask(state.recorded_input(i), flat[i], self.config.mask_eps)
+                d = d.any(0, keepdim=True)
+                if tuple(d.shape[-2:]) != (h, w):
+                    d = torch.nn.functional.interpolate(d[None].float(), size=(h, w))[0] > 0
+                m = d if m is None else m | d
+            return dilate(m, self.config.mask_dilation)
+        if not isinstance(mask, torch.Tensor):
+            raise MaskError(f"mask: expected a bool torch.Tensor [H, W], got {type(mask).__name__}")
+        if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (h, w):
+            raise MaskError(
+                f"mask: expected shape [{h}, {w}] or [B, {h}, {w}] (the image input's "
+                f"resolution), got {tuple(mask.shape)}"
+            )
+        if mask.dtype != torch.bool:
+            raise MaskError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        dev = self.program.example_meta[self.program.input_kinds.index("spatial")][2]
+        m = mask.to(dev)
+        return (m[None] if m.dim() == 2 else m).any(0, keepdim=True)
+
+    # -- reporting and moving ------------------------------------------------------------------
+
+    def stats(self, slot=0) -> dict:
+        """MACs, active fractions and cache sizes of the last edit of ``slot``.
+
+        Returns:
+            dict with "dense_macs" (the dense model), "sparse_macs" (executed by the last edit:
+            sparse convs on their active tiles, dense convs / linears / attention in full, cached
+            values 0; None before the first edit), "macs_ratio" (dense / sparse), "active_fraction"
+            ({"HxW": share of output pixels the sparse convs at that resolution computed}),
+            "cache_bytes" (this slot), "dense_fallbacks" (node, op, reason), "rewrites" (pass
+            counters), "tiles" (active tiles per tile list).
+        """
+        prog = self.program
+        state = self.slots[str(slot)] if str(slot) in self.slots else None
+        tiles = state.last_tiles if state is not None else None
+        dense = sum(e.dense for e in prog.macs)
+        sparse = None
+        frac: dict[str, list[float]] = {}
+        counts = {}
+        if tiles is not None:
+            counts = {k: _count(ts) for k, ts in tiles.used().items()}
+            sparse = 0
+            for e in prog.macs:
+                if e.mode == "dense":
+                    sparse += e.dense
+                elif e.mode == "sparse":
+                    req = prog.tile_requests[e.tile_key]
+                    n = e.dense // (e.per_pixel * e.resolution[0] * e.resolution[1])
+                    px = counts.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
+                    sparse += n * px * e.per_pixel
+                    covered = min(px, e.resolution[0] * e.resolution[1])
+                    key = f"{e.resolution[0]}x{e.resolution[1]}"
+                    frac.setdefault(key, []).append(covered / (e.resolution[0] * e.resolution[1]))
+        return {
+            "dense_macs": dense,
+            "sparse_macs": sparse,
+            "macs_ratio": (dense / sparse) if sparse else None,
+            "active_fraction": {k: sum(v) / len(v) for k, v in frac.items()},
+            "cache_bytes": state.nbytes() if state is not None else 0,
+            "dense_fallbacks": [
+                {"node": n, "op": op, "reason": why} for n, op, why in prog.fallbacks
+            ],
+            "rewrites": dict(prog.counters),
+            "tiles": counts,
+        }
+
+    def to(self, *args, **kwargs):
+        """Move (and/or convert) weights and caches. The graphs are captured again for the new
+        device and dtype, since exported graphs bake devices and dtypes into some ops."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if self._rebuild is not None:
+            self._set_program(self._rebuild(device, dtype))
+        for state in self.slots.values():
+            state.to(device=device)
+            if dtype is not None:
+                for name, buf in state._buffers.items():
+                    if buf is not None and buf.is_floating_point():
+                        state._buffers[name] = buf.to(dtype)
+            state.dirty = {k: _move_tiles(v, device) for k, v in state.dirty.items()}
+        return self
+
+
+def _count(ts: TileSet) -> int:
+    return int(ts.num_active.item()) if ts.num_active is not None else int(ts.out_corners.shape[0])
+
+
+def _move_tiles(ts: TileSet, device) -> TileSet:
+    if device is None:
+        return ts
+    na = ts.num_active.to(device) if ts.num_active is not None else None
+    return TileSet(ts.out_corners.to(device), ts.in_corners.to(device), ts.out_tile, ts.in_tile,
+                   na)  # fmt: skip
+
+
+def _same_const(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _fold_norm(nf, values) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample per-channel ``(scale, shift)`` [N, C] in fp32 of a folded normalisation."""
+    x = values[nf.input].float()
+    n, c = x.shape[:2]
+    w = values[nf.weight].float() if nf.weight else torch.ones(c, device=x.device)
+    b = values[nf.bias].float() if nf.bias else torch.zeros(c, device=x.device)
+    if nf.kind == "group_norm":
+        g = nf.num_groups
+        xg = x.reshape(n, g, -1)
+        var, mean = torch.var_mean(xg, dim=2, unbiased=False)  # [N, G]
+        inv = torch.rsqrt(var + nf.eps).repeat_interleave(c // g, dim=1)  # [N, C]
+        mean = mean.repeat_interleave(c // g, dim=1)
+    else:
+        mean = values[nf.running_mean].float()[None].expand(n, c)
+        inv = torch.rsqrt(values[nf.running_var].float() + nf.eps)[None].expand(n, c)
+    scale = inv * w[None]
+    shift = b[None] - mean * scale
+    return scale.contiguous(), shift.contiguous()
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the record graph and keeps the values of the named nodes."""
+
+    def __init__(self, gm: torch.fx.GraphModule, keep: set[str]):
+        super().__init__(gm)
+        self.keep = keep
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if n.name in self.keep:
+            self.kept[n.name] = value
+        return value

@@ -1,0 +1,120 @@
+"""The functions an emitted edit graph calls: sparse conv, ops on tiles, cached values.
+
+Every sparse op computes its output on the tiles of its output mask and scatters them into its
+working map (``state.work(name)``), which holds the recorded map everywhere else; it returns that
+map. ``state`` is the slot's ``SlotState``, ``tiles`` the edit's ``TileTable``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from sigec.kernels import gather, scatter
+
+
+def cached(state, name: str) -> torch.Tensor:
+    """A value recorded at ``record`` (a node that depends only on non-image inputs)."""
+    return state.static(name)
+
+
+def norm_scale(state, name: str) -> torch.Tensor:
+    """Per-sample per-channel scale ``[N, C]`` of a folded normalisation."""
+    return state.norm(name)[0]
+
+
+def norm_shift(state, name: str) -> torch.Tensor:
+    """Per-sample per-channel shift ``[N, C]`` of a folded normalisation."""
+    return state.norm(name)[1]
+
+
+def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with ``[N, C]`` scale/shift: a folded normalisation, on maps or tiles."""
+    return (x.float() * scale.float()[:, :, None, None] + shift.float()[:, :, None, None]).to(
+        x.dtype
+    )
+
+
+def sparse_conv2d(
+    state,
+    tiles,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    *,
+    name: str,
+    tile_key: str,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    act: str = "identity",
+    slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ residual).
+
+    Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
+    batch uses padding 0.
+    """
+    ts = tiles[tile_key]
+    out = state.work(name)
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: input dtype {x.dtype} differs from the weights' {weight.dtype}; "
+            "compile the model in the dtype you run it in"
+        )
+    batch = gather(x, ts.in_corners, ts.in_tile[0], ts.in_tile[1], scale, shift, act, slope,
+                   False, ts.num_active, check_values=False)  # fmt: skip
+    y = F.conv2d(batch, weight, bias, stride, 0, dilation, groups)
+    scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, residual, ts.num_active,
+            check_values=False)  # fmt: skip
+    return out
+
+
+def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str) -> torch.Tensor:
+    """Run ``fn`` on tiles: gather every map operand (``flags`` marks them), scatter the result.
+
+    Non-map tensor operands that carry the batch (``[N, ...]`` with N > 1) are repeated per tile.
+    """
+    ts = tiles[tile_key]
+    out = state.work(name)
+    n = out.shape[0]
+    m = ts.out_corners.shape[0]
+    th, tw = ts.out_tile
+
+    def to_tiles(value, is_map):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if is_map:
+            t = gather(value, ts.out_corners, th, tw, num_active=ts.num_active, check_values=False)
+            return t.repeat(n, 1, 1, 1) if t.shape[0] != n * m else t
+        if value.dim() >= 2 and value.shape[0] == n and n > 1:
+            return value.repeat_interleave(m, dim=0)
+        return value
+
+    targs = pytree.tree_map(to_tiles, args, flags[0])
+    tkwargs = pytree.tree_map(to_tiles, kwargs, flags[1])
+    y = fn(*targs, **tkwargs)
+    scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
+            num_active=ts.num_active, check_values=False)  # fmt: skip
+    return out
+
+
+def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile_key: str):
+    """Nearest upsampling by an integer factor on tiles (input tiles at the lower resolution)."""
+    ts = tiles[tile_key]
+    out = state.work(name)
+    t = gather(x, ts.in_corners, ts.in_tile[0], ts.in_tile[1], num_active=ts.num_active,
+               check_values=False)  # fmt: skip
+    y = F.interpolate(t, scale_factor=factor, mode="nearest")
+    scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, num_active=ts.num_active,
+            check_values=False)  # fmt: skip
+    return out
+
+
+def _fmt(t: torch.Tensor) -> torch.memory_format:
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format

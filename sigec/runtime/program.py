@@ -1,0 +1,118 @@
+"""What the passes emit and the engine runs: the record graph, the edit graph and their metadata.
+
+The passes (``sigec.passes``) build a ``Program``; the engine (``sigec.runtime.engine``) executes it.
+Everything here is plain data, so the runtime never needs to know how it was derived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+Resolution = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    """One tile list an edit needs: the active tiles of a mask for a given op geometry.
+
+    Attributes:
+        mask: the mask it derives from: a resolution ``(h, w)`` (truncated policy: one mask per
+            resolution) or a node name (exact policy: one mask per node).
+        kernel: effective kernel ``dilation * (k - 1) + 1`` per axis (1 for pointwise ops).
+        stride, padding: the conv's (1 and 0 for pointwise ops).
+        tile: output tile size.
+        in_scale: for nearest upsampling by ``f``: input corners are output corners // f.
+    """
+
+    mask: Resolution | str
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    tile: tuple[int, int]
+    in_scale: int = 1
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """How one node's changed region follows from its inputs' (exact policy).
+
+    kind: "input" (an image input: the edit mask), "conv" (receptive field: max-pool of the input
+    mask with the conv's kernel, stride and padding), "union" (same-resolution pointwise op),
+    "upsample" (nearest, integer ``factor``), "resample" (nearest to ``size``), "full" (a global
+    op: all changed as soon as any input changed).
+    """
+
+    node: str
+    kind: str
+    srcs: tuple[str, ...] = ()
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    factor: int = 1
+    size: Resolution = (0, 0)
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A normalisation folded into per-sample per-channel ``scale``/``shift`` at record time.
+
+    kind: "group_norm" (statistics of the recorded input: SIGE's cached statistics) or
+    "batch_norm" (eval mode: running statistics). Node names refer to the record graph.
+    """
+
+    name: str
+    kind: str
+    input: str
+    weight: str | None
+    bias: str | None
+    eps: float
+    num_groups: int = 1
+    running_mean: str | None = None
+    running_var: str | None = None
+
+
+@dataclass(frozen=True)
+class MacEntry:
+    """Multiply-accumulates of one conv / linear / attention node of the dense model.
+
+    ``mode``: "dense" (the edit runs it in full), "cached" (it depends on no image input: the
+    edit reads the record, 0 MACs) or "sparse" (a conv on tiles: ``per_pixel`` MACs for each
+    output pixel of each active tile of ``tile_key``, for every sample).
+    """
+
+    node: str
+    op: str
+    resolution: Resolution | None
+    dense: int
+    mode: str = "dense"
+    per_pixel: int = 0
+    tile_key: str | None = None
+
+
+@dataclass
+class Program:
+    """A compiled model: the graphs and everything the engine needs to run them."""
+
+    record_gm: torch.fx.GraphModule  # the captured graph, flat inputs -> flat outputs
+    edit_gm: torch.fx.GraphModule  # (state, tiles, *flat inputs) -> flat outputs
+    in_spec: object  # pytree spec of (args, kwargs)
+    out_spec: object  # pytree spec of the model's output
+    example_meta: list  # per flat input: (shape, dtype) for tensors, the value otherwise
+    input_kinds: list[str]  # per flat input: "spatial", "tensor" or "const"
+    input_names: list[str]  # per flat input: positional index or keyword
+    maps: dict[str, tuple[tuple[int, ...], torch.dtype]]  # materialised sparse maps
+    statics: tuple[str, ...]  # record-graph nodes whose values the edit reads from the cache
+    norms: tuple[NormFold, ...]
+    tile_requests: dict[str, TileRequest]
+    map_tiles: dict[str, str]  # map name -> tile key of the op that writes it
+    mask_rules: tuple[MaskRule, ...]
+    resolutions: tuple[Resolution, ...]
+    node_resolutions: dict[str, Resolution]  # every spatial node of the record graph
+    input_resolution: Resolution
+    macs: tuple[MacEntry, ...]
+    fallbacks: tuple[tuple[str, str, str], ...]  # (node, op, reason)
+    counters: dict[str, int] = field(default_factory=dict)
+    policy: str = "truncated"

@@ -1,0 +1,96 @@
+"""Per-edit masks and tile lists: the edit mask -> a mask per resolution (or per node) -> tiles."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sigec.runtime.masks import TileSet, active_tiles, mask_pyramid
+from sigec.runtime.program import MaskRule, Program, TileRequest
+
+
+def propagate_masks(rules: tuple[MaskRule, ...], input_mask: torch.Tensor, shapes: dict) -> dict:
+    """Exact policy: every node's changed region, from the edit mask through each op's rule.
+
+    Args:
+        rules: in graph order.
+        input_mask: bool ``[1, H, W]`` at the image inputs' resolution.
+        shapes: node name -> (H, W) of spatial nodes (None for non-map nodes).
+
+    Returns:
+        node name -> bool ``[1, H, W]`` mask (``[1, 1, 1]`` flag for non-map nodes).
+    """
+    masks: dict[str, torch.Tensor] = {}
+    dev = input_mask.device
+
+    def changed(srcs):
+        return any(bool(masks[s].any()) for s in srcs if s in masks)
+
+    for r in rules:
+        res = shapes.get(r.node)
+        if r.kind == "input":
+            m = input_mask
+            if res is not None and tuple(m.shape[-2:]) != tuple(res):
+                m = F.interpolate(m[None].float(), size=res, mode="nearest")[0] > 0
+        elif r.kind == "conv":
+            src = masks[r.srcs[0]].float()[None]
+            ph, pw = r.padding
+            src = F.pad(src, (pw, pw, ph, ph))
+            m = F.max_pool2d(src, r.kernel, r.stride)[0] > 0
+        elif r.kind == "union":
+            m = torch.zeros((1, *res), dtype=torch.bool, device=dev)
+            for s in r.srcs:
+                m = m | masks[s]
+        elif r.kind == "upsample":
+            f = r.factor
+            m = masks[r.srcs[0]].repeat_interleave(f, 1).repeat_interleave(f, 2)
+        elif r.kind == "resample":
+            m = F.interpolate(masks[r.srcs[0]][None].float(), size=r.size, mode="nearest")[0] > 0
+        else:  # "full": a global op
+            shape = (1, *res) if res is not None else (1, 1, 1)
+            m = torch.full(shape, changed(r.srcs), dtype=torch.bool, device=dev)
+        if res is not None and tuple(m.shape[-2:]) != tuple(res):
+            raise AssertionError(f"mask of {r.node}: {tuple(m.shape)} vs map {res}")
+        masks[r.node] = m
+    return masks
+
+
+class TileTable:
+    """The tile lists of one edit, computed on first use and kept for the edit's lifetime.
+
+    ``table[key]`` gives the ``TileSet`` of ``program.tile_requests[key]``.
+    """
+
+    def __init__(self, program: Program, masks: dict, capacity: dict | None = None):
+        self.program = program
+        self.masks = masks
+        self.capacity = capacity or {}
+        self._sets: dict[str, TileSet] = {}
+
+    def __getitem__(self, key: str) -> TileSet:
+        ts = self._sets.get(key)
+        if ts is None:
+            ts = self._sets[key] = self._make(self.program.tile_requests[key], key)
+        return ts
+
+    def _make(self, req: TileRequest, key: str) -> TileSet:
+        mask = self.masks[req.mask]
+        ts = active_tiles(mask, req.kernel, req.stride, req.padding, req.tile,
+                          capacity=self.capacity.get(key))  # fmt: skip
+        if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
+            f = req.in_scale
+            ts = TileSet(ts.out_corners, ts.out_corners // f, ts.out_tile,
+                         (req.tile[0] // f, req.tile[1] // f), ts.num_active)  # fmt: skip
+        return ts
+
+    def used(self) -> dict[str, TileSet]:
+        return dict(self._sets)
+
+
+def edit_masks(program: Program, input_mask: torch.Tensor, threshold: float, dilation: int):
+    """Masks keyed the way ``program.tile_requests`` refer to them, for either policy."""
+    if program.policy == "exact":
+        shapes = {r.node: None for r in program.mask_rules}
+        shapes.update(program.node_resolutions)
+        return propagate_masks(program.mask_rules, input_mask, shapes)
+    return mask_pyramid(input_mask, program.resolutions, threshold, dilation)
