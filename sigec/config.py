@@ -47,7 +47,9 @@ class SparseConfig:
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
-            raise ValueError(f"mask_policy: expected one of {MASK_POLICIES}, got {self.mask_policy!r}")
+            raise ValueError(
+                f"mask_policy: expected one of {MASK_POLICIES}, got {self.mask_policy!r}"
+            )
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
         sizes = dict(_default_block_sizes())

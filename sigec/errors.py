@@ -14,7 +14,7 @@ class StaleCacheError(SigecError, ValueError):
 
 
 class InputMismatchError(SigecError, ValueError):
-    """Inputs whose shape, dtype, device or structure differ from what the engine was compiled for."""
+    """Inputs whose shape, dtype, device or structure differ from the compiled example."""
 
 
 class MaskError(SigecError, ValueError):

@@ -22,6 +22,19 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted on the CPU (the reference path), e.g. for precision checks; not by Triton.
+CPU_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the references compute in: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reject_float64(name: str, t: torch.Tensor) -> None:
+    if t.dtype == torch.float64:
+        raise TypeError(f"{name}: float64 runs on the CPU reference only, not in the Triton kernel")
+
 
 # Activation names accepted by the fused ops, and the integer code the kernels switch on.
 ACTIVATIONS = {"identity": 0, "silu": 1, "relu": 2, "leaky_relu": 3, "gelu": 4, "gelu_tanh": 5}
@@ -31,6 +44,8 @@ def check_tensor(name: str, t, *, rank: int, dtypes=FLOAT_DTYPES, device=None) -
     """Raise TypeError / ValueError unless ``t`` is a tensor of the given rank, dtype and device."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is FLOAT_DTYPES and t.device.type in ("cpu", "meta"):
+        dtypes = CPU_FLOAT_DTYPES
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name}: expected dtype in ({allowed}), got {t.dtype}")

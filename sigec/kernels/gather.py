@@ -34,6 +34,8 @@ from sigec.kernels._common import (
     check_corners,
     check_tensor,
     check_tile_size,
+    compute_dtype,
+    reject_float64,
     tile_pixel_index,
 )
 
@@ -144,13 +146,14 @@ def gather_reference(
     m = corners.shape[0]
     ys, xs, valid = tile_pixel_index(corners, num_active, tile_h, tile_w, h, w)
     # tiles: [N, C, M, th, tw]
-    v = x[:, :, ys, xs].float()
+    cd = compute_dtype(x)
+    v = x[:, :, ys, xs].to(cd)
     if act_first:
         v = apply_activation(v, activation, slope)
     if scale is not None:
-        v = v * scale.float()[:, :, None, None, None]
+        v = v * scale.to(cd)[:, :, None, None, None]
     if shift is not None:
-        v = v + shift.float()[:, :, None, None, None]
+        v = v + shift.to(cd)[:, :, None, None, None]
     if not act_first:
         v = apply_activation(v, activation, slope)
     v = torch.where(valid, v, 0.0).to(x.dtype)
@@ -175,6 +178,7 @@ def gather_triton(
     act = _check(
         x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values
     )
+    reject_float64("x", x)
     n, c, h, w = x.shape
     m = corners.shape[0]
     out = torch.empty((n * m, c, tile_h, tile_w), device=x.device, dtype=x.dtype)

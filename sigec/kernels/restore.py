@@ -26,6 +26,7 @@ from sigec.kernels._common import (
     check_corners,
     check_tensor,
     check_tile_size,
+    reject_float64,
     tile_pixel_index,
 )
 
@@ -97,6 +98,7 @@ def restore_triton(
 ) -> None:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     _check(work, cache, corners, tile_h, tile_w, num_active, check_values)
+    reject_float64("work", work)
     n, c, h, w = work.shape
     m = corners.shape[0]
     if m == 0 or work.numel() == 0:

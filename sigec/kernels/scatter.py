@@ -27,6 +27,8 @@ from sigec.kernels._common import (
     check_corners,
     check_tensor,
     check_tile_size,
+    compute_dtype,
+    reject_float64,
     tile_pixel_index,
 )
 
@@ -105,7 +107,8 @@ def scatter_reference(
     # vals: [N, C, K]
     vals = tiles.reshape(n, m, c, th, tw).permute(0, 2, 1, 3, 4)[:, :, valid]
     if residual is not None:
-        vals = (vals.float() + residual[:, :, ys, xs].float()).to(out.dtype)
+        cd = compute_dtype(out)
+        vals = (vals.to(cd) + residual[:, :, ys, xs].to(cd)).to(out.dtype)
     out[:, :, ys, xs] = vals
 
 
@@ -119,6 +122,7 @@ def scatter_triton(
 ) -> None:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     _check(out, tiles, corners, residual, num_active, check_values)
+    reject_float64("out", out)
     n, c, h, w = out.shape
     m, th, tw = corners.shape[0], tiles.shape[2], tiles.shape[3]
     if tiles.numel() == 0:

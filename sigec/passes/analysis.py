@@ -17,7 +17,7 @@ from sigec.runtime.program import MaskRule
 
 aten = torch.ops.aten
 
-# --- op tables: which ATen ops sigec knows how to run on tiles ------------------------------------
+# --- op tables: which ATen ops sigec knows how to run on tiles --------------------
 
 CONV_OPS = {aten.conv2d.default, aten.convolution.default}
 
@@ -42,6 +42,7 @@ POINTWISE_OPS = {
 }  # fmt: skip
 
 UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
+PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
 NORM_OPS = {aten.group_norm.default, aten.batch_norm.default}
 SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
@@ -61,9 +62,10 @@ class NodeInfo:
         spatial: a dependent 4-D map ``[N, C, H, W]``.
         resolution: ``(H, W)`` of a spatial node.
         op: the op class sigec sees: "conv", "pointwise", "cat", "norm", "upsample", "resample",
-            "side_effect", "dense", "input" or "".
+            "pad", "side_effect", "dense", "input" or "".
         mode: how the edit runs it: "sparse" (on tiles), "fold" (a normalisation folded into
-            scale/shift), "dense" (on full maps), "cached", "const", or "" (nothing to do).
+            scale/shift, or a zero pad folded into the following convs' padding; a pad that
+            cannot be folded runs dense), "dense" (on full maps), "cached", "const", or "".
         reason: why a dependent node runs dense.
     """
 
@@ -96,7 +98,7 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return list(dict.fromkeys(node.all_input_nodes))
 
 
-# --- pass 1: roles ----------------------------------------------------------------------------------
+# --- pass 1: roles ------------------------------------------------------------
 
 
 def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
@@ -124,7 +126,7 @@ def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
         set_info(node, role=role, spatial=spatial, resolution=res)
 
 
-# --- pass 2: op classes and execution modes ----------------------------------------------------------
+# --- pass 2: op classes and execution modes ----------------------------------------
 
 
 def _conv_params(node: torch.fx.Node):
@@ -148,6 +150,21 @@ def _conv_params(node: torch.fx.Node):
 
 def conv_params(node: torch.fx.Node):
     return _conv_params(node)
+
+
+def zero_pads(node: torch.fx.Node) -> tuple[int, int, int, int] | None:
+    """``(left, right, top, bottom)`` of a constant-zero, non-negative 2-D pad node, else None."""
+    if node.target not in PAD_OPS:
+        return None
+    pads = list(node.args[1])
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if node.target == aten.constant_pad_nd.default:
+        mode, value = "constant", node.args[2] if len(node.args) > 2 else 0
+    if mode != "constant" or value not in (None, 0, 0.0) or len(pads) > 4 or min(pads) < 0:
+        return None
+    pads = pads + [0] * (4 - len(pads))
+    return tuple(int(p) for p in pads)
 
 
 def upsample_factor(node: torch.fx.Node) -> int | None:
@@ -226,6 +243,9 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
                 reason = "group_norm statistics span the whole map (exact policy): runs dense"
             else:
                 mode, reason = "fold", ""
+        elif target in PAD_OPS and zero_pads(node) is not None:
+            op, mode = "pad", "fold"
+            reason = ""
         elif target in UPSAMPLE_OPS:
             f = upsample_factor(node)
             if f is not None and config.block_size["pointwise"] % f == 0:
@@ -244,11 +264,13 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
 
 def _non_map_reason(node: torch.fx.Node) -> str:
     if node.target in ATTENTION_OPS or node.target in MATMUL_OPS:
-        return "attention / matmul over tokens: runs dense (sparse attention is not implemented yet)"
+        return (
+            "attention / matmul over tokens: runs dense (sparse attention is not implemented yet)"
+        )
     return f"{node.target} on a non-map tensor derived from an image: runs dense"
 
 
-# --- pass 3: mask rules (exact policy) --------------------------------------------------------------
+# --- pass 3: mask rules (exact policy) ----------------------------------------
 
 
 def mask_rules(gm: torch.fx.GraphModule):
@@ -286,5 +308,7 @@ def mask_rules(gm: torch.fx.GraphModule):
             rule = MaskRule(node.name, "upsample", map_srcs, factor=upsample_factor(node))
         elif ni.spatial and ni.op == "resample" and len(map_srcs) == 1:
             rule = MaskRule(node.name, "resample", map_srcs, size=ni.resolution)
+        elif ni.spatial and ni.op == "pad" and len(map_srcs) == 1:
+            rule = MaskRule(node.name, "pad", map_srcs, pads=zero_pads(node))
         rules.append(rule)
     return tuple(rules)

@@ -1,7 +1,7 @@
 """The pass pipeline: capture -> analyses -> transforms -> a runnable ``Program``.
 
 Read ``PIPELINE`` top to bottom; the comment on each line says why it sits where it does.
-Set ``logging.getLogger("sigec.passes").setLevel(logging.DEBUG)`` to print the graph after each pass.
+To print the graph after each pass: ``logging.getLogger("sigec.passes").setLevel(logging.DEBUG)``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ PIPELINE = (
     rw.add_runtime_inputs,  # state / tiles placeholders: every later pass may use them
     rw.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
     rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
+    rw.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
     rw.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs so prologues see them
     rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
+    rw.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
     rw.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
     rw.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add
+    rw.eliminate_dead_code,  # fused-away activations and norms, before they get working maps
     rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
     rw.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
     rw.eliminate_dead_code,  # last: drops the subgraphs the passes above made unused
@@ -60,8 +63,12 @@ def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def build_program(model, args, kwargs, config: SparseConfig) -> Program:
-    """Capture ``model`` and run the pipeline; the result is what ``SparseEngine`` executes."""
+def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) -> Program:
+    """Capture ``model`` and run the pipeline; the result is what ``SparseEngine`` executes.
+
+    ``passes`` may be a prefix of ``PIPELINE`` (tests run every prefix: each yields a runnable,
+    correct edit graph).
+    """
     cap = capture(model, args, kwargs)
     kinds = classify_inputs(cap.flat_inputs, cap.input_names, config)
     record_gm = cap.gm
@@ -72,7 +79,7 @@ def build_program(model, args, kwargs, config: SparseConfig) -> Program:
 
     edit_gm = _copy_graph_module(record_gm)
     ctx = rw.PassContext(config)
-    for pass_fn in PIPELINE:
+    for pass_fn in passes:
         result = pass_fn(edit_gm, ctx)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("after %s (%d changes):\n%s", result.name, result.changed, edit_gm.graph)

@@ -8,7 +8,6 @@ working maps, ``tiles`` the edit's tile lists (see ``sigec.runtime.ops``).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +15,14 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from sigec.config import SparseConfig
-from sigec.passes.analysis import ACTIVATION_OPS, conv_params, info, set_info, upsample_factor
+from sigec.passes.analysis import (
+    ACTIVATION_OPS,
+    conv_params,
+    info,
+    set_info,
+    upsample_factor,
+    zero_pads,
+)
 from sigec.runtime import ops
 from sigec.runtime.program import MacEntry, NormFold, TileRequest
 
@@ -135,11 +141,45 @@ def cache_statics(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "cache_statics", changed)
 
 
+def _is_identity(node: torch.fx.Node) -> bool:
+    t = node.target
+    if t in (aten.alias.default, aten.clone.default, aten.contiguous.default):
+        return True
+    if t == aten.dropout.default:  # dropout(x, p, train)
+        return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
+    if t in (aten.to.dtype, aten._to_copy.default):
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        return (
+            src is not None and out is not None and src.dtype == out.dtype
+            and src.device == out.device and not node.kwargs.get("memory_format")
+        )  # fmt: skip
+    return False
+
+
+def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Eval-mode dropout, clones and same-dtype casts on image paths: uses see their input.
+
+    Export's metadata assertions go too: the record graph keeps them, and they would keep the
+    static subgraphs they check alive in the edit graph.
+    """
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+            continue
+        if node.op == "call_function" and info(node).role == "dependent" and _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            changed += 1
+    ctx.bump("identities_removed", changed)
+    return _finish(gm, "remove_identities", changed)
+
+
 def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """GroupNorm (cached statistics) and eval BatchNorm -> ``affine(x, scale, shift)``."""
     changed = 0
     for node in list(gm.graph.nodes):
-        if info(node).mode != "fold":
+        if info(node).mode != "fold" or info(node).op != "norm":
             continue
         a = list(node.args) + [None] * 9
         if node.target == aten.group_norm.default:
@@ -160,12 +200,18 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             n.meta["sigec"] = info(n)
             set_info(n, role="static", mode="cached")
         new.meta.update(node.meta)
+        new.meta["sigec_name"] = node.name
         set_info(new, op="affine", mode="sparse")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         changed += 1
     ctx.bump("norms_folded", changed)
     return _finish(gm, "fold_norms", changed)
+
+
+def orig_name(node: torch.fx.Node) -> str:
+    """The captured node a rewritten node stands for (maps and masks are named after it)."""
+    return node.meta.get("sigec_name", node.name)
 
 
 def _name(node) -> str | None:
@@ -183,21 +229,47 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         kh, kw = node.args[1].meta["val"].shape[-2:]
         kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
         tile = ctx.config.tile_for_kernel(int(kh), int(kw))
-        key = ctx.request(node.name, ni.resolution, kernel, stride, padding, tile)
+        key = ctx.request(orig_name(node), ni.resolution, kernel, stride, padding, tile)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 ops.sparse_conv2d,
                 (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
-                {"name": node.name, "tile_key": key},
+                {"name": orig_name(node), "tile_key": key},
             )
         new.meta.update(node.meta)
-        new.meta["sigec_conv"] = node.name  # the captured conv it computes (for MAC counts)
+        new.meta["sigec_conv"] = orig_name(node)  # the captured conv it computes (MAC counts)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         ctx.add_map(new.kwargs["name"], new)
         changed += 1
     ctx.bump("convs_sparse", changed)
     return _finish(gm, "rewrite_convs", changed)
+
+
+def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``conv(pad(x))`` with zero padding -> the conv reads ``x`` with more (top, left) padding.
+
+    Gathers read zeros outside the map, so only the top/left pads shift the input tiles; the
+    bottom/right pads need nothing. A pad whose users are not all sparse convs stays (dense).
+    """
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.sparse_conv2d:
+            continue
+        pad = node.args[2]
+        if not (isinstance(pad, torch.fx.Node) and info(pad).op == "pad"):
+            continue
+        left, _, top, _ = zero_pads(pad)
+        key = node.kwargs["tile_key"]
+        req = ctx.tile_requests[key]
+        padding = (req.padding[0] + top, req.padding[1] + left)
+        new_key = ctx.request(node.kwargs["name"], info(node).resolution, req.kernel, req.stride,
+                              padding, req.tile[0])  # fmt: skip
+        node.args = (*node.args[:2], pad.args[0], *node.args[3:])
+        node.kwargs = {**node.kwargs, "tile_key": new_key}
+        changed += 1
+    ctx.bump("pads_folded", changed)
+    return _finish(gm, "fold_pads", changed)
 
 
 def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -208,7 +280,11 @@ def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         src = node.args[2]
         kwargs = dict(node.kwargs)
-        if src.op == "call_function" and src.target in ACTIVATION_OPS and info(src).mode == "sparse":
+        if (
+            src.op == "call_function"
+            and src.target in ACTIVATION_OPS
+            and info(src).mode == "sparse"
+        ):
             act, slope_idx = ACTIVATION_OPS[src.target]
             if src.target == aten.gelu.default and src.kwargs.get("approximate", "none") == "tanh":
                 act = "gelu_tanh"
@@ -224,7 +300,6 @@ def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node.args = (*node.args[:2], src, *node.args[3:])
         node.kwargs = kwargs
         changed += 1
-    _dead_code(gm)
     ctx.bump("prologues_fused", changed)
     return _finish(gm, "fuse_prologues", changed)
 
@@ -251,9 +326,9 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             key = ctx.map_tiles.pop(old_name)
             ctx.maps.pop(old_name)
             req = ctx.tile_requests[key]
-            key = ctx.request(node.name, info(node).resolution, req.kernel, req.stride,
+            key = ctx.request(orig_name(node), info(node).resolution, req.kernel, req.stride,
                               req.padding, req.tile[0])  # fmt: skip
-            add_name = node.name
+            add_name = orig_name(node)
             conv.kwargs = {**conv.kwargs, "name": add_name, "tile_key": key, "residual": other}
             node.prepend(conv)  # the residual must exist before the fused conv runs
             conv.meta["val"] = node.meta["val"]
@@ -282,12 +357,13 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             pytree.tree_map(is_map, node.args),
             pytree.tree_map(is_map, dict(node.kwargs)),
         )
-        key = ctx.request(node.name, ni.resolution)
+        key = ctx.request(orig_name(node), ni.resolution)
+        fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 ops.tile_op,
-                (ctx.state, ctx.tiles, node.target, node.args, dict(node.kwargs), flags),
-                {"name": node.name, "tile_key": key},
+                (ctx.state, ctx.tiles, fn, node.args, dict(node.kwargs), flags),
+                {"name": orig_name(node), "tile_key": key},
             )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -306,12 +382,12 @@ def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if ni.op != "upsample" or ni.mode != "sparse" or node.op != "call_function":
             continue
         f = upsample_factor(node)
-        key = ctx.request(node.name, ni.resolution, in_scale=f)
+        key = ctx.request(orig_name(node), ni.resolution, in_scale=f)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 ops.tile_upsample,
                 (ctx.state, ctx.tiles, node.args[0], f),
-                {"name": node.name, "tile_key": key},
+                {"name": orig_name(node), "tile_key": key},
             )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

@@ -255,6 +255,31 @@ class SparseEngine(torch.nn.Module):
 
     # -- reporting and moving ------------------------------------------------------------------
 
+    def edit_footprint(self, slot=0) -> list[torch.Tensor | None]:
+        """Per flat output: bool ``[H, W]`` of the pixels the last edit may have changed.
+
+        Outside it the output equals the record bit for bit. ``None`` for an output the edit
+        recomputes densely (or that is not a map).
+        """
+        state = self._slot(slot)
+        if state.last_tiles is None:
+            raise NotRecordedError(f"slot {slot!r} has no edit yet: call engine.edit(...) first")
+        out_node = next(n for n in reversed(self.edit_gm.graph.nodes) if n.op == "output")
+        result = []
+        for arg in pytree.tree_leaves(out_node.args[0]):
+            name = arg.kwargs.get("name") if isinstance(arg, torch.fx.Node) else None
+            if name is None or name not in self.program.maps:
+                result.append(None)
+                continue
+            h, w = self.program.maps[name][0][-2:]
+            ts = state.last_tiles[self.program.map_tiles[name]]
+            cover = torch.zeros(h, w, dtype=torch.bool)
+            bh, bw = ts.out_tile
+            for y, x in ts.out_corners[: _count(ts)].tolist():
+                cover[max(y, 0) : y + bh, max(x, 0) : x + bw] = True
+            result.append(cover)
+        return result
+
     def stats(self, slot=0) -> dict:
         """MACs, active fractions and cache sizes of the last edit of ``slot``.
 
@@ -263,6 +288,7 @@ class SparseEngine(torch.nn.Module):
             sparse convs on their active tiles, dense convs / linears / attention in full, cached
             values 0; None before the first edit), "macs_ratio" (dense / sparse), "active_fraction"
             ({"HxW": share of output pixels the sparse convs at that resolution computed}),
+            "macs_by_resolution" ({"HxW" or "tokens": {"dense", "sparse"}}),
             "cache_bytes" (this slot), "dense_fallbacks" (node, op, reason), "rewrites" (pass
             counters), "tiles" (active tiles per tile list).
         """
@@ -272,26 +298,33 @@ class SparseEngine(torch.nn.Module):
         dense = sum(e.dense for e in prog.macs)
         sparse = None
         frac: dict[str, list[float]] = {}
+        by_res: dict[str, list[int]] = {}  # "HxW" (or "tokens") -> [dense, executed]
         counts = {}
         if tiles is not None:
             counts = {k: _count(ts) for k, ts in tiles.used().items()}
             sparse = 0
             for e in prog.macs:
+                key = f"{e.resolution[0]}x{e.resolution[1]}" if e.resolution else "tokens"
+                done = 0
                 if e.mode == "dense":
-                    sparse += e.dense
+                    done = e.dense
                 elif e.mode == "sparse":
                     req = prog.tile_requests[e.tile_key]
                     n = e.dense // (e.per_pixel * e.resolution[0] * e.resolution[1])
                     px = counts.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
-                    sparse += n * px * e.per_pixel
+                    done = n * px * e.per_pixel
                     covered = min(px, e.resolution[0] * e.resolution[1])
-                    key = f"{e.resolution[0]}x{e.resolution[1]}"
                     frac.setdefault(key, []).append(covered / (e.resolution[0] * e.resolution[1]))
+                sparse += done
+                row = by_res.setdefault(key, [0, 0])
+                row[0] += e.dense
+                row[1] += done
         return {
             "dense_macs": dense,
             "sparse_macs": sparse,
             "macs_ratio": (dense / sparse) if sparse else None,
             "active_fraction": {k: sum(v) / len(v) for k, v in frac.items()},
+            "macs_by_resolution": {k: {"dense": d, "sparse": x} for k, (d, x) in by_res.items()},
             "cache_bytes": state.nbytes() if state is not None else 0,
             "dense_fallbacks": [
                 {"node": n, "op": op, "reason": why} for n, op, why in prog.fallbacks

@@ -30,10 +30,10 @@ def norm_shift(state, name: str) -> torch.Tensor:
 
 
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * scale + shift`` with ``[N, C]`` scale/shift: a folded normalisation, on maps or tiles."""
-    return (x.float() * scale.float()[:, :, None, None] + shift.float()[:, :, None, None]).to(
-        x.dtype
-    )
+    """``x * scale + shift``, ``[N, C]`` scale/shift: a folded normalisation, on maps or tiles."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(cd) * scale.to(cd)[:, :, None, None] + shift.to(cd)[:, :, None, None]
+    return y.to(x.dtype)
 
 
 def sparse_conv2d(
@@ -77,8 +77,10 @@ def sparse_conv2d(
 def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str) -> torch.Tensor:
     """Run ``fn`` on tiles: gather every map operand (``flags`` marks them), scatter the result.
 
+    ``fn`` is an ATen op, or the name of a function of this module (``TILE_FUNCTIONS``).
     Non-map tensor operands that carry the batch (``[N, ...]`` with N > 1) are repeated per tile.
     """
+    fn = TILE_FUNCTIONS.get(fn, fn) if isinstance(fn, str) else fn
     ts = tiles[tile_key]
     out = state.work(name)
     n = out.shape[0]
@@ -118,3 +120,8 @@ def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile
 def _fmt(t: torch.Tensor) -> torch.memory_format:
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
+
+
+# Python functions that edit graphs run on tiles, by name (FX code generation prints names).
+TILE_FUNCTIONS = {"sigec.affine": affine}
+TILE_FUNCTIONS_BY_FN = {fn: name for name, fn in TILE_FUNCTIONS.items()}

@@ -1,6 +1,6 @@
 """What the passes emit and the engine runs: the record graph, the edit graph and their metadata.
 
-The passes (``sigec.passes``) build a ``Program``; the engine (``sigec.runtime.engine``) executes it.
+The passes (``sigec.passes``) build a ``Program``; ``sigec.runtime.engine`` executes it.
 Everything here is plain data, so the runtime never needs to know how it was derived.
 """
 
@@ -22,7 +22,9 @@ class TileRequest:
         mask: the mask it derives from: a resolution ``(h, w)`` (truncated policy: one mask per
             resolution) or a node name (exact policy: one mask per node).
         kernel: effective kernel ``dilation * (k - 1) + 1`` per axis (1 for pointwise ops).
-        stride, padding: the conv's (1 and 0 for pointwise ops).
+        stride: the conv's (1 for pointwise ops).
+        padding: ``(top, left)`` zeros before the first input pixel (0 for pointwise ops); the
+            bottom/right padding needs no number: reads past the map are zeros anyway.
         tile: output tile size.
         in_scale: for nearest upsampling by ``f``: input corners are output corners // f.
     """
@@ -41,8 +43,9 @@ class MaskRule:
 
     kind: "input" (an image input: the edit mask), "conv" (receptive field: max-pool of the input
     mask with the conv's kernel, stride and padding), "union" (same-resolution pointwise op),
-    "upsample" (nearest, integer ``factor``), "resample" (nearest to ``size``), "full" (a global
-    op: all changed as soon as any input changed).
+    "upsample" (nearest, integer ``factor``), "resample" (nearest to ``size``), "pad" (zero
+    padding by ``pads`` = left, right, top, bottom), "full" (a global op: all changed as soon
+    as any input changed).
     """
 
     node: str
@@ -53,6 +56,7 @@ class MaskRule:
     padding: tuple[int, int] = (0, 0)
     factor: int = 1
     size: Resolution = (0, 0)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ def propagate_masks(rules: tuple[MaskRule, ...], input_mask: torch.Tensor, shape
         elif r.kind == "upsample":
             f = r.factor
             m = masks[r.srcs[0]].repeat_interleave(f, 1).repeat_interleave(f, 2)
+        elif r.kind == "pad":
+            left, right, top, bottom = r.pads
+            m = F.pad(masks[r.srcs[0]], (left, right, top, bottom))
         elif r.kind == "resample":
             m = F.interpolate(masks[r.srcs[0]][None].float(), size=r.size, mode="nearest")[0] > 0
         else:  # "full": a global op

@@ -145,3 +145,14 @@ def test_bad_input_fails_in_the_fake_impl_too():
     with pytest.raises(ValueError, match="scale"):
         torch.ops.sigec.gather(x, torch.zeros(1, 2, dtype=torch.int32, device="meta"), 4, 4,
                                torch.empty(5, device="meta"))  # fmt: skip
+
+
+def test_float64_runs_on_the_cpu_reference_only():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    co = corners_tensor([(-1, -1)])
+    scale = torch.rand(1, 2, dtype=torch.float64)
+    got = torch.ops.sigec.gather(x, co, 4, 4, scale=scale)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, padded_slice_oracle(x, [(-1, -1)], 4, 4, scale=scale))
+    with pytest.raises(TypeError, match="float64 runs on the CPU reference only"):
+        gather_triton(x, co, 4, 4)

@@ -1,0 +1,112 @@
+"""Every pass: the graph before and after it computes the same thing, its counter moves, and a
+negative case where it must not fire. Checked-in graph summaries guard against regressions."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sigec
+from sigec.passes.pipeline import PIPELINE, build_program
+from sigec.passes.summary import SUMMARY_MODELS, summary_of
+from sigec.runtime.engine import SparseEngine
+from tests.masks_for_tests import apply_edit, edit_masks
+from tests.nets import ConvNet, GroupNormNet, init_bn
+
+EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+TRUNC = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+
+
+def _engine(model, args, config, passes=PIPELINE):
+    return SparseEngine(build_program(model, args, {}, config, passes), config)
+
+
+@pytest.mark.parametrize("k", range(1, len(PIPELINE) + 1), ids=[p.__name__ for p in PIPELINE])
+@pytest.mark.parametrize("net", ["convnet", "groupnorm"])
+def test_every_pipeline_prefix_computes_the_dense_result(net, k):
+    torch.manual_seed(0)
+    if net == "convnet":
+        model, args = init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),)
+    else:
+        model, args = GroupNormNet().eval(), (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    engine = _engine(model, args, EXACT, PIPELINE[:k])
+    before = engine.record(*args)
+    torch.testing.assert_close(before, model(*args), rtol=1e-5, atol=1e-6)  # the record graph
+    mask = edit_masks(*args[0].shape[-2:])["blob"]
+    x = apply_edit(args[0], mask)
+    after = engine.edit(x, *args[1:])  # the edit graph after pass k
+    torch.testing.assert_close(after, model(x, *args[1:]), rtol=1e-4, atol=1e-5)
+
+
+def _counters(model, args, config):
+    return build_program(model, args, {}, config).counters
+
+
+class _TwoUsers(nn.Module):
+    """A conv whose output feeds a residual add *and* another op: no residual fusion."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(x + y) * torch.sigmoid(y)
+
+
+class _ReflectPad(nn.Module):
+    """A non-zero pad before a conv: not folded (runs dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.c(F.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+
+def test_positive_counters_on_the_conv_net():
+    c = _counters(init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),), TRUNC)
+    assert c["convs_sparse"] == 6
+    assert c["norms_folded"] == 1 and c["prologues_fused"] >= 2  # bn+leaky_relu, silu
+    assert c["residuals_fused"] == 1 and c["pads_folded"] == 1
+    assert c["upsamples_sparse"] == 1 and c["tile_ops"] == 1  # the concatenation
+    assert c["dense_fallbacks"] == 0
+
+
+def test_negative_cases_where_rewrites_must_not_fire():
+    x = torch.randn(1, 3, 12, 12)
+    c = _counters(_TwoUsers().eval(), (x,), TRUNC)
+    assert c["residuals_fused"] == 0 and c["convs_sparse"] == 2
+    c = _counters(_ReflectPad().eval(), (x,), TRUNC)
+    assert c["pads_folded"] == 0 and c["dense_fallbacks"] == 1
+    gn = GroupNormNet().eval()
+    args = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    assert _counters(gn, args, EXACT)["norms_folded"] == 0  # exact: statistics recomputed
+    assert _counters(gn, args, TRUNC)["norms_folded"] == 2
+    low = sigec.SparseConfig(sparse_min_resolution=32)  # every map is below it
+    c = _counters(init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),), low)
+    assert c["convs_sparse"] == 0 and c["tile_ops"] == 0 and c["dense_fallbacks"] > 0
+
+
+def test_static_subgraphs_are_cached_not_recomputed():
+    gn = GroupNormNet().eval()
+    program = build_program(gn, (torch.randn(1, 3, 16, 16), torch.randn(1, 4)), {}, TRUNC)
+    assert program.counters["statics_cached"] == 1  # temb(t) is read from the record
+    targets = {str(n.target) for n in program.edit_gm.graph.nodes}
+    assert "aten.linear.default" not in targets
+
+
+SUMMARIES = Path(__file__).parent / "summaries"
+
+
+@pytest.mark.parametrize("name", SUMMARY_MODELS)
+def test_graph_summary_matches_the_checked_in_one(name):
+    """A pass change that alters this fails until the summary is regenerated on purpose:
+    python -m sigec.passes.summary --write tests/passes/summaries"""
+    want = json.loads((SUMMARIES / f"{name}.json").read_text())
+    got = json.loads(json.dumps(summary_of(name)))
+    assert got == want

@@ -1,0 +1,248 @@
+"""End-to-end tests of sigec.compile: the exact oracle, the truncated policy's guarantees, commit,
+slots, errors, stats and moving the engine."""
+
+import pytest
+import torch
+
+import sigec
+from sigec.models.configs import MODELS, build
+from tests.masks_for_tests import apply_edit, edit_masks
+from tests.nets import ConvNet, FlipNet, GroupNormNet, init_bn
+
+EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+
+
+def _dense(model, args, kwargs):
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def _sample(out):
+    return out.sample if hasattr(out, "sample") else out
+
+
+def _tiny(name):
+    torch.manual_seed(0)
+    if name == "convnet":
+        model = init_bn(ConvNet())
+        return model, (torch.randn(2, 3, 20, 22),), {}
+    if name == "groupnorm-net":
+        model = GroupNormNet().eval()
+        return model, (torch.randn(1, 3, 16, 16), torch.randn(1, 4)), {}
+    return build(name, seed=0)
+
+
+EXACT_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny"]
+
+
+@pytest.fixture(scope="module", params=EXACT_MODELS)
+def exact_engine(request):
+    model, args, kwargs = _tiny(request.param)
+    engine = sigec.compile(model, args, kwargs, config=EXACT)
+    engine.record(*args, **kwargs)
+    return request.param, model, args, kwargs, engine
+
+
+@pytest.mark.parametrize("mask_name", list(edit_masks(4, 4)))
+def test_exact_policy_equals_dense_on_the_edited_input(exact_engine, mask_name):
+    name, model, args, kwargs, engine = exact_engine
+    x = args[0]
+    mask = edit_masks(*x.shape[-2:])[mask_name]
+    x_edit = apply_edit(x, mask, seed=3)
+    want = _dense(model, (x_edit, *args[1:]), kwargs)
+    got = _sample(engine.edit(x_edit, *args[1:], **kwargs))  # mask from the difference
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got = _sample(engine.edit(x_edit, *args[1:], mask=mask, **kwargs))  # the explicit mask
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_convnet_is_really_sparse():
+    model, args, kwargs = _tiny("convnet")
+    engine = sigec.compile(model, args, kwargs, config=EXACT)
+    engine.record(*args)
+    mask = edit_masks(20, 22)["pixel"]
+    engine.edit(apply_edit(args[0], mask), mask=mask)
+    stats = engine.stats()
+    assert stats["dense_fallbacks"] == []
+    assert stats["sparse_macs"] < stats["dense_macs"] / 2
+    assert stats["rewrites"]["convs_sparse"] == 6
+    assert stats["rewrites"]["pads_folded"] == 1
+    assert stats["rewrites"]["residuals_fused"] == 1
+    assert stats["rewrites"]["norms_folded"] == 1
+
+
+TRUNCATED_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny"]
+
+
+@pytest.fixture(scope="module", params=TRUNCATED_MODELS)
+def truncated_engine(request):
+    model, args, kwargs = _tiny(request.param)
+    cfg = MODELS[request.param].sige_config if request.param in MODELS else {}
+    engine = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**cfg))
+    y0 = _sample(engine.record(*args, **kwargs))
+    return model, args, kwargs, engine, y0
+
+
+def test_record_returns_the_dense_output(truncated_engine):
+    model, args, kwargs, engine, y0 = truncated_engine
+    torch.testing.assert_close(y0, _dense(model, args, kwargs), rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_no_change_edit_returns_the_record_exactly(truncated_engine):
+    model, args, kwargs, engine, y0 = truncated_engine
+    got = _sample(engine.edit(*args, **kwargs))
+    assert torch.equal(got, y0)
+
+
+@pytest.mark.parametrize("mask_name", ["pixel", "border", "blob"])
+def test_truncated_outside_footprint_is_bit_exact(truncated_engine, mask_name):
+    model, args, kwargs, engine, y0 = truncated_engine
+    x = args[0]
+    mask = edit_masks(*x.shape[-2:])[mask_name]
+    y = _sample(engine.edit(apply_edit(x, mask), *args[1:], **kwargs))
+    (footprint,) = engine.edit_footprint()
+    assert footprint is not None and footprint.any()
+    assert not footprint.all()
+    outside = ~footprint
+    assert torch.equal(y[..., outside], y0[..., outside])
+    if (y0.abs() < 0.999).float().mean() > 0.5:  # the random tiny GauGAN saturates its tanh
+        assert not torch.equal(y[..., footprint], y0[..., footprint])
+
+
+def test_commit_then_edit_is_an_edit_of_the_new_original():
+    model, args, kwargs = _tiny("convnet")
+    engine = sigec.compile(model, args, kwargs, config=EXACT)
+    engine.record(*args)
+    masks = edit_masks(20, 22)
+    x1 = apply_edit(args[0], masks["blob"], seed=1)
+    y1 = engine.edit(x1)
+    engine.commit()
+    assert torch.equal(engine.edit(x1), y1)  # x1 is the original now: nothing changed
+    x2 = apply_edit(x1, masks["corner"], seed=2)
+    torch.testing.assert_close(engine.edit(x2), _dense(model, (x2,), {}), rtol=1e-4, atol=1e-5)
+    tiles = sum(engine.stats()["tiles"].values())
+    engine.edit(x2, mask=masks["corner"] | masks["blob"])
+    assert sum(engine.stats()["tiles"].values()) > tiles  # the diff was against x1, not x
+
+
+def test_truncated_commit_keeps_edits_incremental():
+    model, args, kwargs = _tiny("gaugan-tiny")
+    engine = sigec.compile(model, args, kwargs)
+    engine.record(*args)
+    x1 = apply_edit(args[0], edit_masks(32, 64)["blob"], seed=1)
+    y1 = engine.edit(x1)
+    engine.commit()
+    assert torch.equal(engine.edit(x1), y1)
+
+
+def test_slots_are_independent_and_stale_inputs_are_refused():
+    model, args, kwargs = _tiny("groupnorm-net")
+    x, t = args
+    t2 = t + 1
+    engine = sigec.compile(model, args, config=EXACT)
+    engine.record(x, t, slot=0)
+    engine.record(x, t2, slot="step-2")
+    mask = edit_masks(16, 16)["blob"]
+    xe = apply_edit(x, mask)
+    torch.testing.assert_close(engine.edit(xe, t, slot=0), _dense(model, (xe, t), {}),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(engine.edit(xe, t2, slot="step-2"), _dense(model, (xe, t2), {}),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(sigec.StaleCacheError, match="input 1 differs from the one recorded"):
+        engine.edit(xe, t2, slot=0)
+    with pytest.raises(sigec.NotRecordedError, match="slot 7 has no record"):
+        engine.edit(xe, t, slot=7)
+    with pytest.raises(sigec.NotRecordedError):
+        engine.commit(slot=7)
+
+
+def test_user_errors_are_typed_and_say_what_to_do():
+    model, args, _ = _tiny("convnet")
+    engine = sigec.compile(model, args)
+    with pytest.raises(sigec.NotRecordedError, match="call engine.record"):
+        engine.edit(*args)
+    engine.record(*args)
+    x = args[0]
+    with pytest.raises(sigec.MaskError, match=r"expected shape \[20, 22\]"):
+        engine.edit(x, mask=torch.ones(10, 11, dtype=torch.bool))
+    with pytest.raises(sigec.MaskError, match="torch.bool"):
+        engine.edit(x, mask=torch.ones(20, 22))
+    with pytest.raises(sigec.InputMismatchError, match="compile another engine"):
+        engine.edit(torch.randn(2, 3, 24, 22))
+    with pytest.raises(sigec.InputMismatchError, match="engine.to"):
+        engine.edit(x.double())
+    with pytest.raises(sigec.InputMismatchError, match="structure|keyword"):
+        engine.edit(x, x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        sigec.compile(lambda v: v, args)
+    with pytest.raises(sigec.CaptureError, match="no image input"):
+        sigec.compile(torch.nn.Linear(3, 3), (torch.randn(2, 3),))
+
+
+def test_unsupported_op_falls_back_to_dense_and_says_so():
+    model = FlipNet().eval()
+    x = torch.randn(1, 3, 12, 12)
+    engine = sigec.compile(model, (x,), config=EXACT)
+    engine.record(x)
+    reasons = [f["reason"] for f in engine.stats()["dense_fallbacks"]]
+    assert any("unsupported op aten.flip" in r for r in reasons)
+    mask = edit_masks(12, 12)["corner"]
+    xe = apply_edit(x, mask)
+    torch.testing.assert_close(engine.edit(xe), _dense(model, (xe,), {}), rtol=1e-4, atol=1e-5)
+
+
+def test_compile_does_not_mutate_the_model():
+    model, args, _ = _tiny("convnet")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = sigec.compile(model, args)
+    engine.record(*args)
+    engine.to(torch.float64)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype
+               for k in before)  # fmt: skip
+
+
+def test_to_dtype_moves_weights_and_caches():
+    model, args, _ = _tiny("convnet")
+    engine = sigec.compile(model, args, config=EXACT)
+    engine.record(*args)
+    engine.to(torch.float64)
+    assert all(
+        b.dtype == torch.float64 for b in engine.slots["0"].buffers() if b.is_floating_point()
+    )
+    x = args[0].double()
+    mask = edit_masks(20, 22)["blob"]
+    xe = apply_edit(x, mask)
+    want = _dense(model.double(), (xe,), {})
+    torch.testing.assert_close(engine.edit(xe), want, rtol=1e-4, atol=1e-5)
+
+
+def test_stats_report_macs_fractions_and_cache_bytes():
+    model, args, kwargs = _tiny("gaugan-tiny")
+    engine = sigec.compile(
+        model, args, config=sigec.SparseConfig(**MODELS["gaugan-tiny"].sige_config)
+    )
+    assert engine.stats()["sparse_macs"] is None  # nothing edited yet
+    engine.record(*args)
+    engine.edit(*args, mask=edit_masks(32, 64)["pixel"])
+    small = engine.stats()
+    engine.edit(*args, mask=edit_masks(32, 64)["full"])
+    full = engine.stats()
+    assert small["dense_macs"] == full["dense_macs"] > 0
+    assert small["sparse_macs"] < full["sparse_macs"]
+    assert small["cache_bytes"] > 0
+    assert set(small["active_fraction"]) >= {"32x64", "16x32"}
+    assert all(0 < f <= 1 for f in small["active_fraction"].values())
+    assert full["active_fraction"]["32x64"] == 1.0
+    assert sum(v["dense"] for v in small["macs_by_resolution"].values()) == small["dense_macs"]
+
+
+def test_diffusers_output_type_is_kept():
+    model, args, kwargs = _tiny("ddpm-tiny")
+    engine = sigec.compile(model, args, kwargs)
+    out = engine.record(*args)
+    assert type(out).__name__ == "UNet2DOutput"
+    assert isinstance(engine.edit(*args), type(out))
