@@ -78,10 +78,10 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 def downsample_mask(
     mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.3, dilation: int = 1
 ) -> torch.Tensor:
-    """Mask at another resolution (SIGE's policy): bilinear resample, threshold, dilate.
+    """Mask at another resolution (SIGE's policy): resample, threshold, dilate.
 
-    Going down, pixels whose (antialiased) bilinear coverage exceeds ``threshold`` stay on, then a
-    ``dilation``-pixel square dilation. A sample whose mask is non-empty never comes out empty: if
+    Going down, pixels whose coverage (the masked share of their footprint, by area resampling)
+    exceeds ``threshold`` stay on, then a ``dilation``-pixel square dilation. A sample whose mask is non-empty never comes out empty: if
     thresholding loses it, its max-pooled footprint is used instead. Going up (a decoder), the
     nearest-neighbour footprint is used, then the dilation.
 
@@ -103,9 +103,10 @@ def downsample_mask(
     elif h >= m.shape[1] and w >= m.shape[2]:
         out = F.interpolate(src, size=(h, w), mode="nearest")[:, 0] > 0
     else:
-        cover = F.interpolate(
-            src, size=(h, w), mode="bilinear", align_corners=False, antialias=True
-        )
+        # coverage: the share of each target pixel's footprint that is masked (area resampling,
+        # i.e. antialiased downsampling with a box filter; the bilinear-antialias kernel of
+        # torch fails on CUDA for large factors)
+        cover = F.interpolate(src, size=(h, w), mode="area")
         out = cover[:, 0] > threshold
         footprint = F.adaptive_max_pool2d(src, (h, w))[:, 0] > 0
         lost = m.flatten(1).any(1) & ~out.flatten(1).any(1)  # [B], stays on the device
