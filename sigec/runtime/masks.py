@@ -81,9 +81,10 @@ def downsample_mask(
     """Mask at another resolution (SIGE's policy): resample, threshold, dilate.
 
     Going down, pixels whose coverage (the masked share of their footprint, by area resampling)
-    exceeds ``threshold`` stay on, then a ``dilation``-pixel square dilation. A sample whose mask is non-empty never comes out empty: if
-    thresholding loses it, its max-pooled footprint is used instead. Going up (a decoder), the
-    nearest-neighbour footprint is used, then the dilation.
+    exceeds ``threshold`` stay on, then a ``dilation``-pixel square dilation. A sample whose
+    mask is non-empty never comes out empty: if thresholding loses it, its max-pooled footprint
+    is used instead. Going up (a decoder), the nearest-neighbour footprint is used, then the
+    dilation.
 
     Args:
         mask: bool ``[B, H, W]`` or ``[H, W]``.
