@@ -33,6 +33,10 @@ class SparseConfig:
         spatial_inputs: names (flat positional index as str, or keyword name) of the inputs that are
             images; None means every 4-D floating-point input.
         norm_stats: "cached": normalisation statistics come from the recorded run (SIGE).
+        tile_lists: "exact": each tile list holds exactly the active tiles (one host sync per
+            list to read its length); "grid": every list is padded to its whole tile grid with
+            the count kept on the device: static shapes and no host sync (for CUDA graphs), at
+            the cost of computing the padding tiles (zeros).
     """
 
     mask_policy: str = "truncated"
@@ -44,12 +48,15 @@ class SparseConfig:
     sparse_min_resolution: int = 1
     spatial_inputs: tuple[str, ...] | None = None
     norm_stats: str = "cached"
+    tile_lists: str = "exact"
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
             raise ValueError(
                 f"mask_policy: expected one of {MASK_POLICIES}, got {self.mask_policy!r}"
             )
+        if self.tile_lists not in ("exact", "grid"):
+            raise ValueError(f"tile_lists: expected 'exact' or 'grid', got {self.tile_lists!r}")
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
         sizes = dict(_default_block_sizes())

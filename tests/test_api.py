@@ -246,3 +246,19 @@ def test_diffusers_output_type_is_kept():
     out = engine.record(*args)
     assert type(out).__name__ == "UNet2DOutput"
     assert isinstance(engine.edit(*args), type(out))
+
+
+@pytest.mark.parametrize("policy", ["exact", "truncated"])
+def test_grid_padded_tile_lists_give_the_same_result(policy):
+    model, args, kwargs = _tiny("convnet")
+    sizes = {"3x3": 4, "1x1": 4, "pointwise": 4}
+    results = []
+    for lists in ("exact", "grid"):
+        config = sigec.SparseConfig(mask_policy=policy, block_size=sizes, tile_lists=lists)
+        engine = sigec.compile(model, args, config=config)
+        engine.record(*args)
+        mask = edit_masks(20, 22)["blobs"]
+        results.append(engine.edit(apply_edit(args[0], mask), mask=mask))
+        ts = next(iter(engine.slots["0"].last_tiles.used().values()))
+        assert (ts.num_active is not None) == (lists == "grid")
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

@@ -203,7 +203,7 @@ class SparseEngine(torch.nn.Module):
         state.restore_dirty()
         masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
-        tiles = TileTable(self.program, masks)
+        tiles = TileTable(self.program, masks, pad_to_grid=self.config.tile_lists == "grid")
         outs = self.edit_gm(state, tiles, *flat)
         state.dirty = {
             name: tiles[key]
@@ -302,6 +302,7 @@ class SparseEngine(torch.nn.Module):
         counts = {}
         if tiles is not None:
             counts = {k: _count(ts) for k, ts in tiles.used().items()}
+            rows = {k: ts.capacity for k, ts in tiles.used().items()}  # padding rows compute too
             sparse = 0
             for e in prog.macs:
                 key = f"{e.resolution[0]}x{e.resolution[1]}" if e.resolution else "tokens"
@@ -311,7 +312,7 @@ class SparseEngine(torch.nn.Module):
                 elif e.mode == "sparse":
                     req = prog.tile_requests[e.tile_key]
                     n = e.dense // (e.per_pixel * e.resolution[0] * e.resolution[1])
-                    px = counts.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
+                    px = rows.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
                     done = n * px * e.per_pixel
                     covered = min(px, e.resolution[0] * e.resolution[1])
                     frac.setdefault(key, []).append(covered / (e.resolution[0] * e.resolution[1]))

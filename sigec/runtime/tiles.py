@@ -64,10 +64,10 @@ class TileTable:
     ``table[key]`` gives the ``TileSet`` of ``program.tile_requests[key]``.
     """
 
-    def __init__(self, program: Program, masks: dict, capacity: dict | None = None):
+    def __init__(self, program: Program, masks: dict, pad_to_grid: bool = False):
         self.program = program
         self.masks = masks
-        self.capacity = capacity or {}
+        self.pad_to_grid = pad_to_grid
         self._sets: dict[str, TileSet] = {}
 
     def __getitem__(self, key: str) -> TileSet:
@@ -78,8 +78,11 @@ class TileTable:
 
     def _make(self, req: TileRequest, key: str) -> TileSet:
         mask = self.masks[req.mask]
-        ts = active_tiles(mask, req.kernel, req.stride, req.padding, req.tile,
-                          capacity=self.capacity.get(key))  # fmt: skip
+        capacity = None
+        if self.pad_to_grid:  # the whole grid: a size that does not depend on the mask
+            h, w = mask.shape[-2:]
+            capacity = -(-h // req.tile[0]) * -(-w // req.tile[1])
+        ts = active_tiles(mask, req.kernel, req.stride, req.padding, req.tile, capacity=capacity)
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
             f = req.in_scale
             ts = TileSet(ts.out_corners, ts.out_corners // f, ts.out_tile,
