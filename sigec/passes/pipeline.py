@@ -122,7 +122,12 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         tile_requests=dict(ctx.tile_requests),
         map_tiles=dict(ctx.map_tiles),
         mask_rules=rules,
-        resolutions=tuple(sorted(set(node_res.values()), reverse=True)),
+        resolutions=tuple(  # the per-resolution masks the tile lists use (truncated policy)
+            sorted(
+                {r.mask for r in ctx.tile_requests.values() if isinstance(r.mask, tuple)},
+                reverse=True,
+            )  # fmt: skip
+        ),
         node_resolutions=node_res,
         input_resolution=tuple(spatial_inputs[0].shape[-2:]),
         macs=macs,
