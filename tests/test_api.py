@@ -262,3 +262,46 @@ def test_grid_padded_tile_lists_give_the_same_result(policy):
         ts = next(iter(engine.slots["0"].last_tiles.used().values()))
         assert (ts.num_active is not None) == (lists == "grid")
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_keyword_inputs_pass_through_and_are_checked():
+    model, (x, t), _ = _tiny("groupnorm-net")
+    engine = sigec.compile(model, (x,), {"t": t}, config=EXACT)
+    engine.record(x, t=t)
+    mask = edit_masks(16, 16)["corner"]
+    xe = apply_edit(x, mask)
+    torch.testing.assert_close(engine.edit(xe, t=t), _dense(model, (xe, t), {}), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(sigec.StaleCacheError, match="input t differs"):
+        engine.edit(xe, t=t * 2)
+    with pytest.raises(sigec.InputMismatchError, match="missing \\['t'\\]"):
+        engine.edit(xe)
+
+
+class _TwoMaps(torch.nn.Module):
+    """An image and a 4-D conditioning map that is not an image (e.g. a style map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x, style):
+        return self.b(self.a(x) * style)
+
+
+def test_spatial_inputs_names_the_images():
+    torch.manual_seed(0)
+    model = _TwoMaps().eval()
+    x, style = torch.randn(1, 3, 12, 12), torch.randn(1, 4, 12, 12)
+    config = sigec.SparseConfig(mask_policy="exact", spatial_inputs=("0",))
+    engine = sigec.compile(model, (x, style), config=config)
+    assert engine.program.input_kinds == ["spatial", "tensor"]
+    engine.record(x, style)
+    xe = apply_edit(x, edit_masks(12, 12)["pixel"])
+    torch.testing.assert_close(engine.edit(xe, style), _dense(model, (xe, style), {}),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(sigec.StaleCacheError):
+        engine.edit(xe, style + 1)
+    default = sigec.compile(model, (x, style))  # by default both 4-D inputs are images
+    assert default.program.input_kinds == ["spatial", "spatial"]
