@@ -80,6 +80,16 @@ def _finish(gm: torch.fx.GraphModule, name: str, changed: int) -> PassResult:
     return PassResult(name, changed)
 
 
+def _replace_with(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args, kwargs=None):
+    """Put ``target(*args, **kwargs)`` where ``node`` was: same meta, same users; ``node`` goes."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, tuple(args), dict(kwargs or {}))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
 def add_runtime_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Prepend the ``state`` and ``tiles`` placeholders the runtime ops read."""
     first = next(iter(gm.graph.nodes))
@@ -195,15 +205,13 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(node):
             scale = gm.graph.call_function(ops.norm_scale, (ctx.state, node.name))
             shift = gm.graph.call_function(ops.norm_shift, (ctx.state, node.name))
-            new = gm.graph.call_function(ops.affine, (x, scale, shift))
         for n in (scale, shift):
             n.meta["sigec"] = info(n)
             set_info(n, role="static", mode="cached")
-        new.meta.update(node.meta)
-        new.meta["sigec_name"] = node.name
+        name = node.name
+        new = _replace_with(gm, node, ops.affine, (x, scale, shift))
+        new.meta["sigec_name"] = name
         set_info(new, op="affine", mode="sparse")
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
         changed += 1
     ctx.bump("norms_folded", changed)
     return _finish(gm, "fold_norms", changed)
@@ -230,17 +238,12 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
         tile = ctx.config.tile_for_kernel(int(kh), int(kw))
         key = ctx.request(orig_name(node), ni.resolution, kernel, stride, padding, tile)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                ops.sparse_conv2d,
-                (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
-                {"name": orig_name(node), "tile_key": key},
-            )
-        new.meta.update(node.meta)
-        new.meta["sigec_conv"] = orig_name(node)  # the captured conv it computes (MAC counts)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        ctx.add_map(new.kwargs["name"], new)
+        name = orig_name(node)
+        new = _replace_with(gm, node, ops.sparse_conv2d,
+                            (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
+                            {"name": name, "tile_key": key})  # fmt: skip
+        new.meta["sigec_conv"] = name  # the captured conv it computes (MAC counts)
+        ctx.add_map(name, new)
         changed += 1
     ctx.bump("convs_sparse", changed)
     return _finish(gm, "rewrite_convs", changed)
@@ -359,16 +362,11 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         )
         key = ctx.request(orig_name(node), ni.resolution)
         fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                ops.tile_op,
-                (ctx.state, ctx.tiles, fn, node.args, dict(node.kwargs), flags),
-                {"name": orig_name(node), "tile_key": key},
-            )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        ctx.add_map(new.kwargs["name"], new)
+        name = orig_name(node)
+        new = _replace_with(gm, node, ops.tile_op,
+                            (ctx.state, ctx.tiles, fn, node.args, dict(node.kwargs), flags),
+                            {"name": name, "tile_key": key})  # fmt: skip
+        ctx.add_map(name, new)
         changed += 1
     ctx.bump("tile_ops", changed)
     return _finish(gm, "rewrite_tile_ops", changed)
@@ -383,16 +381,10 @@ def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         f = upsample_factor(node)
         key = ctx.request(orig_name(node), ni.resolution, in_scale=f)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                ops.tile_upsample,
-                (ctx.state, ctx.tiles, node.args[0], f),
-                {"name": orig_name(node), "tile_key": key},
-            )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        ctx.add_map(new.kwargs["name"], new)
+        name = orig_name(node)
+        new = _replace_with(gm, node, ops.tile_upsample, (ctx.state, ctx.tiles, node.args[0], f),
+                            {"name": name, "tile_key": key})  # fmt: skip
+        ctx.add_map(name, new)
         changed += 1
     ctx.bump("upsamples_sparse", changed)
     return _finish(gm, "rewrite_upsamples", changed)
