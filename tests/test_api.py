@@ -33,7 +33,17 @@ def _tiny(name):
     return build(name, seed=0)
 
 
-EXACT_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny"]
+EXACT_MODELS = [
+    "convnet",
+    "groupnorm-net",
+    "ddpm-tiny",
+    "gaugan-tiny",
+    "sd15-unet-tiny",
+    "sd2-unet-tiny",
+    "sdxl-unet-tiny",
+    "sd-vae-encoder-tiny",
+    "sd-vae-decoder-tiny",
+]
 
 
 @pytest.fixture(scope="module", params=EXACT_MODELS)
@@ -72,7 +82,7 @@ def test_exact_convnet_is_really_sparse():
     assert stats["rewrites"]["norms_folded"] == 1
 
 
-TRUNCATED_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny"]
+TRUNCATED_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny", "sd15-unet-tiny"]
 
 
 @pytest.fixture(scope="module", params=TRUNCATED_MODELS)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sigec.models import sd
 from sigec.models.spade import SPADEConfig, SPADEGenerator, random_label_map
 
 # google/ddpm-church-256 (diffusers UNet2DModel), 113.7 M parameters.
@@ -97,6 +98,7 @@ def _gaugan(cfg: SPADEConfig):
 
 SIGE_DDPM = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 5, "sparse_min_resolution": 64}
 SIGE_GAUGAN = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 1}
+SIGE_SD = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 1}
 
 MODELS = {
     spec.name: spec
@@ -110,6 +112,48 @@ MODELS = {
         ),  # fmt: skip
         ModelSpec("gaugan-cityscapes", _gaugan(GAUGAN_CITYSCAPES), "GauGAN 512x256", SIGE_GAUGAN),
         ModelSpec("gaugan-tiny", _gaugan(GAUGAN_TINY), "GauGAN, test size", SIGE_GAUGAN),
+        ModelSpec(
+            "sd15-unet-512",
+            sd.unet_builder(sd.SD15_UNET, latent=(64, 64)),
+            "SD 1.5 UNet, batch 2 (CFG), 512x512",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sd15-unet-512x1024",
+            sd.unet_builder(sd.SD15_UNET, latent=(64, 128)),
+            "SD 1.5 UNet, batch 2 (CFG), 512x1024",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sd15-unet-tiny",
+            sd.unet_builder(sd.SD15_UNET_TINY, tokens=5),
+            "SD 1.5 UNet, test size",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sd2-unet-tiny",
+            sd.unet_builder(sd.SD2_UNET_TINY, tokens=5),
+            "SD 2.x-style UNet (linear projections, per-level heads), test size",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sdxl-unet-tiny",
+            sd.unet_builder(sd.SDXL_UNET_TINY, tokens=5),
+            "SDXL-style UNet (added text/time conditioning), test size",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sd-vae-encoder-tiny",
+            sd.vae_builder(sd.SD_VAE_TINY, "encoder", 32),
+            "SD VAE encoder, test size",
+            SIGE_SD,
+        ),
+        ModelSpec(
+            "sd-vae-decoder-tiny",
+            sd.vae_builder(sd.SD_VAE_TINY, "decoder", 32),
+            "SD VAE decoder, test size",
+            SIGE_SD,
+        ),
     )
 }
 

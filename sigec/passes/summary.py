@@ -18,7 +18,15 @@ from sigec.passes.pipeline import build_program
 from sigec.runtime.engine import SparseEngine
 from sigec.runtime.masks import blob_mask
 
-SUMMARY_MODELS = ("ddpm-tiny", "gaugan-tiny")
+SUMMARY_MODELS = (
+    "ddpm-tiny",
+    "gaugan-tiny",
+    "sd15-unet-tiny",
+    "sd2-unet-tiny",
+    "sdxl-unet-tiny",
+    "sd-vae-encoder-tiny",
+    "sd-vae-decoder-tiny",
+)
 
 
 def summarize(engine: SparseEngine, mask: torch.Tensor) -> dict:
