@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.012, 0.05, 0.15, 0.30, 1.0])
     p.add_argument("--policy", default="truncated")
+    p.add_argument("--norm-stats", default="cached", choices=["cached", "incremental"])
     p.add_argument("--compiled", action="store_true", help="also time dense torch.compile")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
@@ -76,7 +77,9 @@ def main() -> None:
     model = model.to(device=device, dtype=dtype)
     x = inputs[0].to(device=device, dtype=dtype)
     rest = tuple(v.to(device) for v in inputs[1:])
-    config = sigec.SparseConfig(mask_policy=args.policy, **MODELS[args.model].sige_config)
+    config = sigec.SparseConfig(
+        mask_policy=args.policy, norm_stats=args.norm_stats, **MODELS[args.model].sige_config
+    )
 
     t0 = time.perf_counter()
     engine = sigec.compile(model, (x, *rest), kwargs, config=config)
@@ -87,6 +90,7 @@ def main() -> None:
 
     result = {
         "model": args.model, "dtype": args.dtype, "policy": args.policy,
+        "norm_stats": args.norm_stats,
         "device": torch.cuda.get_device_name(device) if timing else "cpu",
         "torch": torch.__version__, "compile_s": round(compile_s, 2),
         "record_s": round(record_s, 2), "rows": [],

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 MASK_POLICIES = ("truncated", "exact")
-NORM_STATS = ("cached",)
+NORM_STATS = ("cached", "incremental")
 
 
 def _default_block_sizes():
@@ -32,7 +32,10 @@ class SparseConfig:
         sparse_min_resolution: maps whose smaller side is below this run dense.
         spatial_inputs: names (flat positional index as str, or keyword name) of the inputs that are
             images; None means every 4-D floating-point input.
-        norm_stats: "cached": normalisation statistics come from the recorded run (SIGE).
+        norm_stats: GroupNorm statistics in the truncated policy. "cached": those of the recorded
+            run (SIGE). "incremental": per-group sums and sums of squares from the record,
+            corrected with the old and new values of the tiles the edit changed (O(active)), so
+            the norm uses the statistics of the map being computed.
         tile_lists: "exact": each tile list holds exactly the active tiles (one host sync per
             list to read its length); "grid": every list is padded to its whole tile grid with
             the count kept on the device: static shapes and no host sync (for CUDA graphs), at

@@ -8,6 +8,8 @@ working maps, ``tiles`` the edit's tile lists (see ``sigec.runtime.ops``).
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -201,10 +203,22 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             x, w, b, rm, rv, eps = a[0], a[1], a[2], a[3], a[4], a[7]
             spec = NormFold(node.name, "batch_norm", x.name, _name(w), _name(b), float(eps),
                             running_mean=_name(rm), running_var=_name(rv))  # fmt: skip
+        incremental = spec.kind == "group_norm" and ctx.config.norm_stats == "incremental"
+        spec = dataclasses.replace(spec, incremental=incremental)
         ctx.norms.append(spec)
         with gm.graph.inserting_before(node):
-            scale = gm.graph.call_function(ops.norm_scale, (ctx.state, node.name))
-            shift = gm.graph.call_function(ops.norm_shift, (ctx.state, node.name))
+            if incremental:  # statistics of the map being computed, updated from its tiles
+                stats = gm.graph.call_function(
+                    ops.norm_incremental, (ctx.state, ctx.tiles, x, w, b),
+                    {"name": node.name, "groups": spec.num_groups, "eps": spec.eps},
+                )  # fmt: skip
+                stats.meta["sigec"] = info(node)
+                set_info(stats, op="norm_stats", mode="", spatial=False, resolution=None)
+                scale = gm.graph.call_function(operator.getitem, (stats, 0))
+                shift = gm.graph.call_function(operator.getitem, (stats, 1))
+            else:
+                scale = gm.graph.call_function(ops.norm_scale, (ctx.state, node.name))
+                shift = gm.graph.call_function(ops.norm_shift, (ctx.state, node.name))
         for n in (scale, shift):
             n.meta["sigec"] = info(n)
             set_info(n, role="static", mode="cached")

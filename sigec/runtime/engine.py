@@ -45,11 +45,27 @@ class SlotState(torch.nn.Module):
         self.map_names: list[str] = []
         self.last_tiles: TileTable | None = None
         self.pending_inputs: dict[int, torch.Tensor] | None = None
+        self.written: dict[str, TileSet] = {}  # this edit: map -> the tiles its op wrote
+        self.norm_inputs: dict[str, str] = {}  # incremental norm -> its input node
+        self.pending_norm_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add_map(self, name: str, value: torch.Tensor) -> None:
         self.register_buffer(f"cache__{name}", value.detach().clone())
         self.register_buffer(f"work__{name}", value.detach().clone())
         self.map_names.append(name)
+
+    def has_map(self, name: str) -> bool:
+        return f"work__{name}" in self._buffers
+
+    def note_written(self, name: str, tiles: TileSet) -> None:
+        self.written[name] = tiles
+
+    def norm_input(self, name: str) -> str:
+        return self.norm_inputs[name]
+
+    def norm_sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recorded (or committed) per-group sum and sum of squares, fp64 [N, G]."""
+        return self._buffers[f"norm__{name}__s1"], self._buffers[f"norm__{name}__s2"]
 
     def work(self, name: str) -> torch.Tensor:
         return self._buffers[f"work__{name}"]
@@ -77,6 +93,9 @@ class SlotState(torch.nn.Module):
         for name in self.map_names:
             c, w = f"cache__{name}", f"work__{name}"
             self._buffers[c], self._buffers[w] = self._buffers[w], self._buffers[c]
+        for name, (s1, s2) in self.pending_norm_sums.items():
+            self._buffers[f"norm__{name}__s1"], self._buffers[f"norm__{name}__s2"] = s1, s2
+        self.pending_norm_sums = {}
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
@@ -173,6 +192,13 @@ class SparseEngine(torch.nn.Module):
         for name in prog.statics:
             state.register_buffer(f"static__{name}", values[name].detach().clone())
         for nf in prog.norms:
+            if nf.incremental:
+                xg = values[nf.input].reshape(*values[nf.input].shape[:1], nf.num_groups, -1)
+                xg = xg.double()
+                state.register_buffer(f"norm__{nf.name}__s1", xg.sum(-1))
+                state.register_buffer(f"norm__{nf.name}__s2", (xg * xg).sum(-1))
+                state.norm_inputs[nf.name] = nf.input
+                continue
             scale, shift = _fold_norm(nf, values)
             state.register_buffer(f"norm__{nf.name}__scale", scale)
             state.register_buffer(f"norm__{nf.name}__shift", shift)
@@ -201,6 +227,7 @@ class SparseEngine(torch.nn.Module):
         self._check_not_stale(state, flat)
         edit_mask = self._edit_mask(state, flat, mask)
         state.restore_dirty()
+        state.written, state.pending_norm_sums = {}, {}
         masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
         tiles = TileTable(self.program, masks, pad_to_grid=self.config.tile_lists == "grid")

@@ -29,6 +29,45 @@ def norm_shift(state, name: str) -> torch.Tensor:
     return state.norm(name)[1]
 
 
+def norm_incremental(state, tiles, x, weight, bias, *, name: str, groups: int, eps: float):
+    """``(scale, shift)`` [N, C] of a GroupNorm over the map being computed, in O(active) work.
+
+    The slot holds the recorded per-group sum and sum of squares (fp64). If ``x`` is a working
+    map, only the tiles this edit wrote into it differ from its cache: the sums are corrected by
+    ``sum(new) - sum(old)`` over those tiles. Any other ``x`` (an input, a dense result) gets
+    full statistics.
+    """
+    n, c = x.shape[:2]
+    src = state.norm_input(name)
+    ts = state.written.get(src)
+    if ts is None and state.has_map(src):
+        s1, s2 = state.norm_sums(name)  # the map was not written this edit: unchanged
+    elif ts is None:
+        xg = x.reshape(n, groups, -1).double()
+        s1, s2 = xg.sum(-1), (xg * xg).sum(-1)
+    else:
+        new = gather(x, ts.out_corners, *ts.out_tile, num_active=ts.num_active,
+                     check_values=False)  # fmt: skip
+        old = gather(state.cache(src), ts.out_corners, *ts.out_tile,
+                     num_active=ts.num_active, check_values=False)  # fmt: skip
+        m, per_group = ts.out_corners.shape[0], (c // groups) * ts.out_tile[0] * ts.out_tile[1]
+        new = new.reshape(n, m, groups, per_group).double()
+        old = old.reshape(n, m, groups, per_group).double()
+        r1, r2 = state.norm_sums(name)
+        s1 = r1 + (new.sum((1, 3)) - old.sum((1, 3)))
+        s2 = r2 + ((new * new).sum((1, 3)) - (old * old).sum((1, 3)))
+    state.pending_norm_sums[name] = (s1, s2)
+    count = x[0, 0].numel() * (c // groups)
+    mean = s1 / count
+    var = (s2 / count - mean * mean).clamp_min(0)
+    inv = torch.rsqrt(var + eps).float().repeat_interleave(c // groups, dim=1)  # [N, C]
+    mean = mean.float().repeat_interleave(c // groups, dim=1)
+    w = weight.float()[None] if weight is not None else torch.ones_like(inv)
+    b = bias.float()[None] if bias is not None else torch.zeros_like(inv)
+    scale = inv * w
+    return scale, b - mean * scale
+
+
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift``, ``[N, C]`` scale/shift: a folded normalisation, on maps or tiles."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -71,6 +110,7 @@ def sparse_conv2d(
     y = F.conv2d(batch, weight, bias, stride, 0, dilation, groups)
     scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, residual, ts.num_active,
             check_values=False)  # fmt: skip
+    state.note_written(name, ts)
     return out
 
 
@@ -102,6 +142,7 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str) 
     y = fn(*targs, **tkwargs)
     scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
             num_active=ts.num_active, check_values=False)  # fmt: skip
+    state.note_written(name, ts)
     return out
 
 
@@ -114,6 +155,7 @@ def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile
     y = F.interpolate(t, scale_factor=factor, mode="nearest")
     scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, num_active=ts.num_active,
             check_values=False)  # fmt: skip
+    state.note_written(name, ts)
     return out
 
 

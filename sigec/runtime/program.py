@@ -65,6 +65,8 @@ class NormFold:
 
     kind: "group_norm" (statistics of the recorded input: SIGE's cached statistics) or
     "batch_norm" (eval mode: running statistics). Node names refer to the record graph.
+    ``incremental``: a group norm whose statistics the edit updates from the changed tiles
+    (the slot records per-group sums; ``sigec.runtime.ops.norm_incremental``).
     """
 
     name: str
@@ -76,6 +78,7 @@ class NormFold:
     num_groups: int = 1
     running_mean: str | None = None
     running_var: str | None = None
+    incremental: bool = False
 
 
 @dataclass(frozen=True)
