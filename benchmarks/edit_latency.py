@@ -77,6 +77,9 @@ def main() -> None:
     model = model.to(device=device, dtype=dtype)
     x = inputs[0].to(device=device, dtype=dtype)
     rest = tuple(v.to(device) for v in inputs[1:])
+    kwargs = torch.utils._pytree.tree_map(  # text embeddings etc.: the model's device and dtype
+        lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype), kwargs
+    )
     config = sigec.SparseConfig(
         mask_policy=args.policy, norm_stats=args.norm_stats, **MODELS[args.model].sige_config
     )

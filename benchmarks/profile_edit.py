@@ -33,6 +33,9 @@ def main() -> None:
     model = model.to(device=device, dtype=dtype)
     x = inputs[0].to(device=device, dtype=dtype)
     rest = tuple(v.to(device) for v in inputs[1:])
+    kwargs = torch.utils._pytree.tree_map(  # text embeddings etc.: the model's device and dtype
+        lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype), kwargs
+    )
     engine = sigec.compile(model, (x, *rest), kwargs,
                            config=sigec.SparseConfig(**MODELS[args.model].sige_config))  # fmt: skip
     engine.record(x, *rest, **kwargs)
