@@ -1,0 +1,50 @@
+"""sigec.compile end to end on a CUDA GPU (skipped without one)."""
+
+import copy
+
+import pytest
+import torch
+
+import sigec
+from sigec.models.configs import MODELS, build
+from tests.masks_for_tests import apply_edit, edit_masks
+from tests.nets import ConvNet, init_bn
+
+pytestmark = pytest.mark.gpu
+
+EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+
+
+def test_engine_moves_to_cuda_with_its_caches():
+    torch.manual_seed(0)
+    model = init_bn(ConvNet())
+    x = torch.randn(2, 3, 20, 22)
+    engine = sigec.compile(model, (x,), config=EXACT)
+    engine.record(x)
+    engine.to("cuda")
+    assert all(b.is_cuda for b in engine.slots["0"].buffers())
+    mask = edit_masks(20, 22)["blob"]
+    xe = apply_edit(x, mask).cuda()
+    want = copy.deepcopy(model).cuda()(xe)
+    torch.testing.assert_close(engine.edit(xe), want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["ddpm-tiny", "gaugan-tiny", "sd15-unet-tiny"])
+def test_fp16_on_cuda_matches_fp32_on_cpu(name):
+    model, args, kwargs = build(name, seed=0)
+    config = sigec.SparseConfig(**MODELS[name].sige_config)
+    x = args[0]
+    xe = apply_edit(x, edit_masks(*x.shape[-2:])["blob"])
+
+    def run(device, dtype):
+        cast = lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        m = copy.deepcopy(model).to(device=device, dtype=dtype)
+        a = [cast(v) for v in args]
+        kw = torch.utils._pytree.tree_map(cast, kwargs)
+        engine = sigec.compile(m, tuple(a), kw, config=config)
+        engine.record(*a, **kw)
+        out = engine.edit(cast(xe), *a[1:], **kw)
+        return getattr(out, "sample", out).float().cpu()
+
+    torch.testing.assert_close(run("cuda", torch.float16), run("cpu", torch.float32),
+                               rtol=2e-2, atol=2e-2)  # fmt: skip
