@@ -27,6 +27,7 @@ PIPELINE = (
     rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
     rw.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
     rw.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs so prologues see them
+    rw.fold_biases,  # affine(x + temb) -> affine'(x): after fold_norms, before prologue fusion
     rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
     rw.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
     rw.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them

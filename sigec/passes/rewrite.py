@@ -157,6 +157,9 @@ def _is_identity(node: torch.fx.Node) -> bool:
     t = node.target
     if t in (aten.alias.default, aten.clone.default, aten.contiguous.default):
         return True
+    if t in (aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar):
+        other = node.args[1] if len(node.args) > 1 else None
+        return isinstance(other, int | float) and other == 1  # e.g. output_scale_factor=1.0
     if t == aten.dropout.default:  # dropout(x, p, train)
         return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
     if t in (aten.to.dtype, aten._to_copy.default):
@@ -234,6 +237,38 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 def orig_name(node: torch.fx.Node) -> str:
     """The captured node a rewritten node stands for (maps and masks are named after it)."""
     return node.meta.get("sigec_name", node.name)
+
+
+def fold_biases(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``affine(x + b)`` with a per-channel ``b`` (a timestep embedding) -> ``affine'(x)``.
+
+    With cached statistics the affine is ``x * scale + shift``, so the bias moves into the shift:
+    ``shift' = shift + scale * b``; the sum ``x + b`` is then never materialised. Incremental
+    statistics need that sum's map, so they keep it.
+    """
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.affine:
+            continue
+        add, scale, shift = node.args
+        if shift.target is not ops.norm_shift or add.target != aten.add.Tensor:
+            continue
+        if len(add.users) != 1 or len(add.args) != 2 or add.kwargs:
+            continue
+        x, b = add.args
+        bv = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
+        if not (isinstance(x, torch.fx.Node) and info(x).spatial) or bv is None:
+            continue
+        if info(b).spatial or bv.dim() != 4 or tuple(bv.shape[2:]) != (1, 1):
+            continue
+        with gm.graph.inserting_before(node):
+            new_shift = gm.graph.call_function(ops.bias_through_affine, (scale, shift, b))
+        new_shift.meta["sigec"] = info(shift)
+        node.args = (x, scale, new_shift)
+        gm.graph.erase_node(add)
+        changed += 1
+    ctx.bump("biases_folded", changed)
+    return _finish(gm, "fold_biases", changed)
 
 
 def _name(node) -> str | None:

@@ -68,6 +68,14 @@ def norm_incremental(state, tiles, x, weight, bias, *, name: str, groups: int, e
     return scale, b - mean * scale
 
 
+def bias_through_affine(scale: torch.Tensor, shift: torch.Tensor, bias: torch.Tensor):
+    """The shift of ``affine(x + bias)`` written as ``affine'(x)``: ``shift + scale * bias``.
+
+    ``bias`` is ``[N or 1, C, 1, 1]``; the result is ``[N, C]`` like ``shift``.
+    """
+    return shift + scale * bias.reshape(bias.shape[0], -1).to(scale.dtype)
+
+
 def affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * scale + shift``, ``[N, C]`` scale/shift: a folded normalisation, on maps or tiles."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32

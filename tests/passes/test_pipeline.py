@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sigec
+from sigec.passes import rewrite as rw
 from sigec.passes.pipeline import PIPELINE, build_program
 from sigec.passes.summary import SUMMARY_MODELS, summary_of
 from sigec.runtime.engine import SparseEngine
@@ -90,6 +91,38 @@ def test_negative_cases_where_rewrites_must_not_fire():
     low = sigec.SparseConfig(sparse_min_resolution=32)  # every map is below it
     c = _counters(init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),), low)
     assert c["convs_sparse"] == 0 and c["tile_ops"] == 0 and c["dense_fallbacks"] > 0
+
+
+@pytest.mark.parametrize(
+    "pass_fn, counter",
+    [
+        (rw.fold_biases, "biases_folded"),
+        (rw.fuse_prologues, "prologues_fused"),
+        (rw.fuse_residuals, "residuals_fused"),
+    ],
+)
+def test_truncated_fusions_do_not_change_the_result(pass_fn, counter):
+    """Under the truncated policy the fusions are pure rewrites: the edit is the same without."""
+    torch.manual_seed(0)
+    model, args = GroupNormNet().eval(), (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    mask = edit_masks(16, 16)["blob"]
+    x = apply_edit(args[0], mask)
+    outs = []
+    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not pass_fn)):
+        engine = _engine(model, args, TRUNC, passes)
+        engine.record(*args)
+        outs.append(engine.edit(x, args[1]))
+        fired = engine.program.counters.get(counter, 0)
+        assert fired > 0 if passes is PIPELINE else fired == 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_incremental_statistics_keep_the_biased_map():
+    gn = GroupNormNet().eval()
+    args = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    incremental = sigec.SparseConfig(norm_stats="incremental")
+    assert _counters(gn, args, incremental)["biases_folded"] == 0
+    assert _counters(gn, args, TRUNC)["biases_folded"] == 1
 
 
 def test_static_subgraphs_are_cached_not_recomputed():
