@@ -31,6 +31,7 @@ PIPELINE = (
     rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
     rw.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
     rw.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
+    rw.fuse_concats,  # conv(cat(a, b)) gathers a and b; after fuse_prologues saw the affine
     rw.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add
     rw.eliminate_dead_code,  # fused-away activations and norms, before they get working maps
     rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op

@@ -356,6 +356,30 @@ def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "fuse_prologues", changed)
 
 
+def fuse_concats(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``conv(cat([a, b], dim=1))`` -> the conv gathers ``a`` and ``b`` and concatenates tiles.
+
+    UNet decoders concatenate skip connections before every resnet; the full concatenated map
+    (and its cache) is never needed when only convs read it (its norm folds into their gathers).
+    """
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.sparse_conv2d:
+            continue
+        cat = node.args[2]
+        if not (isinstance(cat, torch.fx.Node) and cat.target == aten.cat.default):
+            continue
+        dim = cat.args[1] if len(cat.args) > 1 else 0
+        parts = cat.args[0]
+        if dim not in (1, -3) or not all(isinstance(p, torch.fx.Node) and info(p).spatial
+                                         for p in parts):  # fmt: skip
+            continue
+        node.args = (*node.args[:2], list(parts), *node.args[3:])
+        changed += 1
+    ctx.bump("concats_fused", changed)
+    return _finish(gm, "fuse_concats", changed)
+
+
 def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """``add(sparse_conv(...), r)`` -> the conv's scatter adds ``r`` (the sum is written once)."""
     changed = 0

@@ -104,17 +104,26 @@ def sparse_conv2d(
     """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ residual).
 
     Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
-    batch uses padding 0.
+    batch uses padding 0. ``x`` may be a list of maps: their channel concatenation, which is then
+    only ever built tile by tile.
     """
     ts = tiles[tile_key]
     out = state.work(name)
-    if x.dtype != weight.dtype:
+    parts = list(x) if isinstance(x, list | tuple) else [x]  # a channel concat, never built
+    if parts[0].dtype != weight.dtype:
         raise TypeError(
-            f"{name}: input dtype {x.dtype} differs from the weights' {weight.dtype}; "
+            f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
-    batch = gather(x, ts.in_corners, ts.in_tile[0], ts.in_tile[1], scale, shift, act, slope,
-                   False, ts.num_active, check_values=False)  # fmt: skip
+    batches, offset = [], 0
+    for part in parts:
+        c = part.shape[1]
+        sc = scale[:, offset : offset + c] if scale is not None else None
+        sh = shift[:, offset : offset + c] if shift is not None else None
+        batches.append(gather(part, ts.in_corners, ts.in_tile[0], ts.in_tile[1], sc, sh, act,
+                              slope, False, ts.num_active, check_values=False))  # fmt: skip
+        offset += c
+    batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
     y = F.conv2d(batch, weight, bias, stride, 0, dilation, groups)
     scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, residual, ts.num_active,
             check_values=False)  # fmt: skip

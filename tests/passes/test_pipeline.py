@@ -74,7 +74,8 @@ def test_positive_counters_on_the_conv_net():
     assert c["convs_sparse"] == 6
     assert c["norms_folded"] == 1 and c["prologues_fused"] >= 2  # bn+leaky_relu, silu
     assert c["residuals_fused"] == 1 and c["pads_folded"] == 1
-    assert c["upsamples_sparse"] == 1 and c["tile_ops"] == 1  # the concatenation
+    assert c["upsamples_sparse"] == 1 and c["concats_fused"] == 1
+    assert c["tile_ops"] == 0  # the concatenation is only built tile by tile, in the gather
     assert c["dense_fallbacks"] == 0
 
 
@@ -114,6 +115,32 @@ def test_truncated_fusions_do_not_change_the_result(pass_fn, counter):
         outs.append(engine.edit(x, args[1]))
         fired = engine.program.counters.get(counter, 0)
         assert fired > 0 if passes is PIPELINE else fired == 0
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+class _CatRows(nn.Module):
+    """A concatenation along rows, not channels: not fused into the conv's gather."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.cat([x, x * 2], dim=2))
+
+
+def test_concat_fusion_only_for_channels_and_keeps_the_result():
+    x = torch.randn(1, 3, 12, 12)
+    c = _counters(_CatRows().eval(), (x,), TRUNC)
+    assert c["concats_fused"] == 0 and c["dense_fallbacks"] >= 1
+    torch.manual_seed(0)
+    model, args = init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),)
+    xe = apply_edit(args[0], edit_masks(16, 18)["blob"])
+    outs = []
+    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not rw.fuse_concats)):
+        engine = _engine(model, args, TRUNC, passes)
+        engine.record(*args)
+        outs.append(engine.edit(xe))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
