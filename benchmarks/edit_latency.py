@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import sigec
-from sigec.models.configs import MODELS, build
+from sigec.models.configs import MODELS, build_on
 from sigec.runtime.masks import blob_mask
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,13 +73,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     timing = device.type == "cuda"
 
-    model, inputs, kwargs = build(args.model, seed=0)
-    model = model.to(device=device, dtype=dtype)
-    x = inputs[0].to(device=device, dtype=dtype)
-    rest = tuple(v.to(device) for v in inputs[1:])
-    kwargs = torch.utils._pytree.tree_map(  # text embeddings etc.: the model's device and dtype
-        lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype), kwargs
-    )
+    model, inputs, kwargs = build_on(args.model, device, dtype)
+    x, rest = inputs[0], inputs[1:]
     config = sigec.SparseConfig(
         mask_policy=args.policy, norm_stats=args.norm_stats, **MODELS[args.model].sige_config
     )

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sigec
-from sigec.models.configs import MODELS, build
+from sigec.models.configs import MODELS, build_on
 from sigec.runtime.masks import blob_mask
 
 
@@ -29,13 +29,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
-    model, inputs, kwargs = build(args.model, seed=0)
-    model = model.to(device=device, dtype=dtype)
-    x = inputs[0].to(device=device, dtype=dtype)
-    rest = tuple(v.to(device) for v in inputs[1:])
-    kwargs = torch.utils._pytree.tree_map(  # text embeddings etc.: the model's device and dtype
-        lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype), kwargs
-    )
+    model, inputs, kwargs = build_on(args.model, device, dtype)
+    x, rest = inputs[0], inputs[1:]
     engine = sigec.compile(model, (x, *rest), kwargs,
                            config=sigec.SparseConfig(**MODELS[args.model].sige_config))  # fmt: skip
     engine.record(x, *rest, **kwargs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sigec
-from sigec.models.configs import MODELS, build
+from sigec.models.configs import MODELS, TINY_MODELS, build
 from tests.masks_for_tests import apply_edit, edit_masks
 from tests.nets import ConvNet, FlipNet, GroupNormNet, init_bn
 
@@ -33,17 +33,7 @@ def _tiny(name):
     return build(name, seed=0)
 
 
-EXACT_MODELS = [
-    "convnet",
-    "groupnorm-net",
-    "ddpm-tiny",
-    "gaugan-tiny",
-    "sd15-unet-tiny",
-    "sd2-unet-tiny",
-    "sdxl-unet-tiny",
-    "sd-vae-encoder-tiny",
-    "sd-vae-decoder-tiny",
-]
+EXACT_MODELS = ["convnet", "groupnorm-net", *TINY_MODELS]
 
 
 @pytest.fixture(scope="module", params=EXACT_MODELS)

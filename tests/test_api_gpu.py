@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sigec
-from sigec.models.configs import MODELS, build
+from sigec.models.configs import MODELS, build, build_on
 from tests.masks_for_tests import apply_edit, edit_masks
 from tests.nets import ConvNet, init_bn
 
@@ -31,19 +31,16 @@ def test_engine_moves_to_cuda_with_its_caches():
 
 @pytest.mark.parametrize("name", ["ddpm-tiny", "gaugan-tiny", "sd15-unet-tiny"])
 def test_fp16_on_cuda_matches_fp32_on_cpu(name):
-    model, args, kwargs = build(name, seed=0)
+    _, args, _ = build(name, seed=0)
     config = sigec.SparseConfig(**MODELS[name].sige_config)
     x = args[0]
     xe = apply_edit(x, edit_masks(*x.shape[-2:])["blob"])
 
     def run(device, dtype):
-        cast = lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        m = copy.deepcopy(model).to(device=device, dtype=dtype)
-        a = [cast(v) for v in args]
-        kw = torch.utils._pytree.tree_map(cast, kwargs)
-        engine = sigec.compile(m, tuple(a), kw, config=config)
+        m, a, kw = build_on(name, device, dtype)
+        engine = sigec.compile(m, a, kw, config=config)
         engine.record(*a, **kw)
-        out = engine.edit(cast(xe), *a[1:], **kw)
+        out = engine.edit(xe.to(device=device, dtype=dtype), *a[1:], **kw)
         return getattr(out, "sample", out).float().cpu()
 
     torch.testing.assert_close(run("cuda", torch.float16), run("cpu", torch.float32),

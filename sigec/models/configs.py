@@ -163,3 +163,21 @@ def build(name: str, seed: int = 0):
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     return MODELS[name].build(seed)
+
+
+# The tiny named configs: tests sweep them, and CI keeps a graph summary of each.
+TINY_MODELS = tuple(name for name in MODELS if name.endswith("-tiny"))
+
+
+def build_on(name: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``build`` with the model and every floating-point input in ``dtype`` on ``device``
+    (integer inputs such as timesteps keep their dtype)."""
+    model, args, kwargs = build(name, seed)
+
+    def move(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+
+    model = model.to(device=device, dtype=dtype)
+    return model, tuple(move(v) for v in args), torch.utils._pytree.tree_map(move, kwargs)

@@ -14,19 +14,12 @@ from pathlib import Path
 import torch
 
 from sigec.config import SparseConfig
+from sigec.models.configs import TINY_MODELS
 from sigec.passes.pipeline import build_program
 from sigec.runtime.engine import SparseEngine
 from sigec.runtime.masks import blob_mask
 
-SUMMARY_MODELS = (
-    "ddpm-tiny",
-    "gaugan-tiny",
-    "sd15-unet-tiny",
-    "sd2-unet-tiny",
-    "sdxl-unet-tiny",
-    "sd-vae-encoder-tiny",
-    "sd-vae-decoder-tiny",
-)
+SUMMARY_MODELS = TINY_MODELS
 
 
 def summarize(engine: SparseEngine, mask: torch.Tensor) -> dict:
