@@ -46,6 +46,14 @@ PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
 NORM_OPS = {aten.group_norm.default, aten.batch_norm.default}
 SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
+# Ops that reinterpret dimensions: a 4-D result is not a map ([B, heads, tokens, dim] is not
+# [N, C, H, W]), so no tile op may treat its last two dimensions as space.
+VIEW_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.default, aten.flatten.using_ints, aten.unflatten.int, aten.select.int,
+    aten.t.default,
+}  # fmt: skip
 MATMUL_OPS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
 LINEAR_OPS = {aten.linear.default, aten.addmm.default}
 
@@ -121,7 +129,15 @@ def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
             else:
                 role = "const"
         val = _val(node)
-        spatial = role in ("input", "dependent") and _is_map(val)
+        # a map: an image input, or a 4-D result of a layout-keeping op on a map
+        spatial = _is_map(val) and (
+            role == "input"
+            or (
+                role == "dependent"
+                and node.target not in VIEW_OPS
+                and any(info(a).spatial for a in node.all_input_nodes)
+            )
+        )
         res = tuple(int(s) for s in val.shape[-2:]) if spatial else None
         set_info(node, role=role, spatial=spatial, resolution=res)
 

@@ -144,6 +144,32 @@ def test_concat_fusion_only_for_channels_and_keeps_the_result():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+class _HeadsView(nn.Module):
+    """A 4-D tensor that is not a map ([B, heads, tokens, dim], as attention builds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        n, c, hh, ww = h.shape
+        heads = h.reshape(n, 2, c // 2, hh * ww).transpose(2, 3)  # [N, heads, tokens, dim]
+        heads = heads * 2.0
+        return self.b(heads.transpose(2, 3).reshape(n, c, hh, ww))
+
+
+def test_reinterpreted_4d_tensors_are_not_maps():
+    """A pointwise op on [B, heads, tokens, dim] must not be tiled as if it were an image."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    program = build_program(_HeadsView().eval(), (x,), {}, TRUNC)
+    assert program.counters["tile_ops"] == 0
+    reasons = " ".join(why for _, _, why in program.fallbacks)
+    assert "non-map tensor" in reasons
+    assert (4, 8) not in program.node_resolutions.values()  # no (tokens, dim) "resolution"
+
+
 def test_incremental_statistics_keep_the_biased_map():
     gn = GroupNormNet().eval()
     args = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
