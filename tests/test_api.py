@@ -305,3 +305,20 @@ def test_spatial_inputs_names_the_images():
         engine.edit(xe, style + 1)
     default = sigec.compile(model, (x, style))  # by default both 4-D inputs are images
     assert default.program.input_kinds == ["spatial", "spatial"]
+
+
+@pytest.mark.parametrize("policy", ["exact", "truncated"])
+def test_an_edit_forgets_the_previous_uncommitted_edit(policy):
+    """Edit A then edit B (elsewhere, smaller) == a fresh engine's edit B: restore undid A."""
+    model, args, kwargs = _tiny("gaugan-tiny")
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    config = sigec.SparseConfig(mask_policy=policy, block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+    engine = sigec.compile(model, args, config=config)
+    engine.record(x)
+    engine.edit(apply_edit(x, masks["blobs"], seed=1))
+    xb = apply_edit(x, masks["corner"], seed=2)
+    got = engine.edit(xb)
+    fresh = sigec.compile(model, args, config=config)
+    fresh.record(x)
+    assert torch.equal(got, fresh.edit(xb))
