@@ -417,32 +417,80 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "fuse_residuals", changed)
 
 
+def _is_tile_op(node: torch.fx.Node) -> bool:
+    ni = info(node)
+    return (
+        node.op == "call_function" and ni.mode == "sparse" and ni.spatial
+        and node.target is not ops.sparse_conv2d and ni.op != "upsample"
+    )  # fmt: skip
+
+
 def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remaining sparse pointwise ops, concatenations and folded norms -> ``tile_op``."""
-    changed = 0
+    """Remaining sparse pointwise ops, concatenations and folded norms -> ``tile_op``.
+
+    A chain of them runs as one ``tile_op`` whose function is the whole expression (a small
+    GraphModule): an op whose only user is another such op at the same resolution is inlined
+    into it, so only the chain's result gets a working map (one gather per input map and one
+    scatter, instead of one of each per op).
+    """
+    inlined = {
+        n for n in gm.graph.nodes
+        if _is_tile_op(n) and len(n.users) == 1 and _is_tile_op(next(iter(n.users)))
+        and info(next(iter(n.users))).resolution == info(n).resolution
+    }  # fmt: skip
+    changed = fused = 0
     for node in list(gm.graph.nodes):
-        ni = info(node)
-        if node.op != "call_function" or ni.mode != "sparse":
+        if not _is_tile_op(node) or node in inlined:
             continue
-        if node.target in (ops.sparse_conv2d,) or ni.op == "upsample":
-            continue
-        if not ni.spatial:
-            continue
+        group, leaves = _expression(node, inlined)
         is_map = lambda a: isinstance(a, torch.fx.Node) and info(a).spatial
-        flags = (
-            pytree.tree_map(is_map, node.args),
-            pytree.tree_map(is_map, dict(node.kwargs)),
-        )
-        key = ctx.request(orig_name(node), ni.resolution)
-        fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
         name = orig_name(node)
+        key = ctx.request(name, info(node).resolution)
+        if len(group) == 1:  # a single op: call it directly
+            fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
+            args, kwargs = node.args, dict(node.kwargs)
+        else:
+            attr = f"_sigec_expr_{name}"
+            gm.add_submodule(attr, _expression_module(gm, group, leaves))
+            with gm.graph.inserting_before(node):
+                fn = gm.graph.get_attr(attr)
+            args, kwargs = tuple(leaves), {}
+            fused += len(group) - 1
+        flags = (pytree.tree_map(is_map, args), pytree.tree_map(is_map, kwargs))
         new = _replace_with(gm, node, ops.tile_op,
-                            (ctx.state, ctx.tiles, fn, node.args, dict(node.kwargs), flags),
+                            (ctx.state, ctx.tiles, fn, args, kwargs, flags),
                             {"name": name, "tile_key": key})  # fmt: skip
         ctx.add_map(name, new)
         changed += 1
     ctx.bump("tile_ops", changed)
+    ctx.bump("tile_ops_inlined", fused)
     return _finish(gm, "rewrite_tile_ops", changed)
+
+
+def _expression(root: torch.fx.Node, inlined: set) -> tuple[list, list]:
+    """The ops of ``root``'s chain in graph order, and its inputs (leaves) in first-use order."""
+    group, leaves, stack = {root}, [], [root]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in inlined and a not in group:
+                group.add(a)
+                stack.append(a)
+    order = [n for n in root.graph.nodes if n in group]
+    for n in order:
+        for a in n.all_input_nodes:
+            if a not in group and a not in leaves:
+                leaves.append(a)
+    return order, leaves
+
+
+def _expression_module(gm, group: list, leaves: list) -> torch.fx.GraphModule:
+    """A GraphModule computing ``group[-1]`` from ``leaves`` (positional inputs)."""
+    graph = torch.fx.Graph()
+    env = {leaf: graph.placeholder(f"in_{i}") for i, leaf in enumerate(leaves)}
+    for n in group:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[group[-1]])
+    return torch.fx.GraphModule(gm, graph)
 
 
 def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

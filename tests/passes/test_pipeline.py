@@ -170,6 +170,34 @@ def test_reinterpreted_4d_tensors_are_not_maps():
     assert (4, 8) not in program.node_resolutions.values()  # no (tokens, dim) "resolution"
 
 
+class _Chain(nn.Module):
+    """Pointwise chains between convs: one single-use chain, one op with two users."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = torch.sigmoid(y * 2.0 + 1.0)  # three ops, one working map
+        w = torch.tanh(z)  # w has two users: it stays materialised
+        return self.b(w * z) + self.c(w)
+
+
+def test_pointwise_chains_run_as_one_tile_op():
+    torch.manual_seed(0)
+    model, x = _Chain().eval(), torch.randn(1, 3, 12, 12)
+    program = build_program(model, (x,), {}, TRUNC)
+    # sigmoid(y*2+1) -> one op (2 inlined); tanh stays (2 users); w*z is its own
+    assert program.counters["tile_ops_inlined"] == 2
+    assert program.counters["tile_ops"] == 3
+    engine = _engine(model, (x,), EXACT)
+    engine.record(x)
+    xe = apply_edit(x, edit_masks(12, 12)["corner"])
+    torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-4, atol=1e-5)
+
+
 def test_incremental_statistics_keep_the_biased_map():
     gn = GroupNormNet().eval()
     args = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
