@@ -42,6 +42,20 @@ def test_every_pipeline_prefix_computes_the_dense_result(net, k):
     torch.testing.assert_close(after, model(x, *args[1:]), rtol=1e-4, atol=1e-5)
 
 
+def _with_and_without(pass_fn, model, args, edited_args, counter):
+    """Edit outputs of the full pipeline and of the pipeline without ``pass_fn`` (truncated).
+
+    Also asserts that the pass fired in the first and, of course, not in the second."""
+    outs = []
+    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not pass_fn)):
+        engine = _engine(model, args, TRUNC, passes)
+        engine.record(*args)
+        outs.append(engine.edit(*edited_args))
+        fired = engine.program.counters.get(counter, 0)
+        assert fired > 0 if passes is PIPELINE else fired == 0
+    return outs
+
+
 def _counters(model, args, config):
     return build_program(model, args, {}, config).counters
 
@@ -106,15 +120,8 @@ def test_truncated_fusions_do_not_change_the_result(pass_fn, counter):
     """Under the truncated policy the fusions are pure rewrites: the edit is the same without."""
     torch.manual_seed(0)
     model, args = GroupNormNet().eval(), (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
-    mask = edit_masks(16, 16)["blob"]
-    x = apply_edit(args[0], mask)
-    outs = []
-    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not pass_fn)):
-        engine = _engine(model, args, TRUNC, passes)
-        engine.record(*args)
-        outs.append(engine.edit(x, args[1]))
-        fired = engine.program.counters.get(counter, 0)
-        assert fired > 0 if passes is PIPELINE else fired == 0
+    x = apply_edit(args[0], edit_masks(16, 16)["blob"])
+    outs = _with_and_without(pass_fn, model, args, (x, args[1]), counter)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
@@ -136,11 +143,7 @@ def test_concat_fusion_only_for_channels_and_keeps_the_result():
     torch.manual_seed(0)
     model, args = init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),)
     xe = apply_edit(args[0], edit_masks(16, 18)["blob"])
-    outs = []
-    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not rw.fuse_concats)):
-        engine = _engine(model, args, TRUNC, passes)
-        engine.record(*args)
-        outs.append(engine.edit(xe))
+    outs = _with_and_without(rw.fuse_concats, model, args, (xe,), "concats_fused")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
