@@ -74,3 +74,33 @@ def init_bn(model: nn.Module) -> nn.Module:
                 m.weight.normal_(1, 0.2)
                 m.bias.normal_(0, 0.2)
     return model.eval()
+
+
+class TokenNet(nn.Module):
+    """conv -> tokens -> LayerNorm -> self-attention (+ residual) -> GEGLU feed-forward -> map
+    -> conv: a transformer block as diffusers writes one. ``causal`` makes the attention one
+    sigec must not run sparse (a query's result depends on its position)."""
+
+    def __init__(self, c: int = 8, heads: int = 2, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.norm = nn.LayerNorm(c)
+        self.q, self.k, self.v = nn.Linear(c, c, bias=False), nn.Linear(c, c), nn.Linear(c, c)
+        self.out = nn.Linear(c, c)
+        self.ff_in, self.ff_out = nn.Linear(c, 4 * c), nn.Linear(2 * c, c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        b, c, hh, ww = h.shape
+        t = h.permute(0, 2, 3, 1).reshape(b, hh * ww, c)
+        n = self.norm(t)
+        q, k, v = (p(n).view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))  # fmt: skip
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        t = self.out(a.transpose(1, 2).reshape(b, -1, c)) + t
+        u, gate = self.ff_in(t).chunk(2, dim=-1)
+        t = self.ff_out(u * nn.functional.gelu(gate)) + t
+        h = t.reshape(b, hh, ww, c).permute(0, 3, 1, 2).contiguous()
+        return self.conv_out(h)

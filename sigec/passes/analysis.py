@@ -7,12 +7,14 @@ previous one with ``dataclasses.replace``). Errors name the node.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
 from sigec.config import SparseConfig
+from sigec.passes.layouts import VIEW_OPS, Layout, Prober, match_attention
 from sigec.runtime.program import MaskRule
 
 aten = torch.ops.aten
@@ -46,15 +48,11 @@ PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
 NORM_OPS = {aten.group_norm.default, aten.batch_norm.default}
 SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-# Ops that reinterpret dimensions: a 4-D result is not a map ([B, heads, tokens, dim] is not
-# [N, C, H, W]), so no tile op may treat its last two dimensions as space.
-VIEW_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-    aten.transpose.int, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.default, aten.flatten.using_ints, aten.unflatten.int, aten.select.int,
-    aten.t.default,
-}  # fmt: skip
+# VIEW_OPS (data movement) live in sigec.passes.layouts, which finds what layout a view's result
+# has: a 4-D result is a map only if it holds the map in map layout ([B, heads, tokens, dim] never).
 MATMUL_OPS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
+ATTENTION_CORE_OPS = {aten.scaled_dot_product_attention.default, aten.bmm.default}
+CHUNK_OPS = {aten.chunk.default}
 LINEAR_OPS = {aten.linear.default, aten.addmm.default}
 
 
@@ -75,6 +73,9 @@ class NodeInfo:
             scale/shift, or a zero pad folded into the following convs' padding; a pad that
             cannot be folded runs dense), "dense" (on full maps), "cached", "const", or "".
         reason: why a dependent node runs dense.
+        layout: for a token-region tensor (a map in another layout, see ``sigec.passes.layouts``):
+            "tokens" ``[B, H*W, C]``, "flat" ``[B, C, H*W]`` or "nhwc"; ``resolution`` is then the
+            map's. "" for maps (``spatial``) and everything else.
     """
 
     role: str = ""
@@ -83,6 +84,7 @@ class NodeInfo:
     op: str = ""
     mode: str = ""
     reason: str = ""
+    layout: str = ""
 
 
 def info(node: torch.fx.Node) -> NodeInfo:
@@ -110,9 +112,15 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
-    """Role of every node: image input, other input, param, const, static or dependent."""
+    """Role of every node (image input, other input, param, const, static or dependent), and
+    which dependent tensors are maps: in map layout (``spatial``) or in a token layout
+    (``layout``). Recognised attention cores are noted on their output node
+    (``meta["sigec_attention"]``) and parts (``meta["sigec_attention_part"]``)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kinds = dict(zip(placeholders, input_kinds, strict=True))
+    prober = Prober()
+    lays: dict[torch.fx.Node, Layout] = {}
+    attention_outs: dict[torch.fx.Node, object] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             role = "input" if kinds[node] == "spatial" else "other_input"
@@ -129,17 +137,152 @@ def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
             else:
                 role = "const"
         val = _val(node)
-        # a map: an image input, or a 4-D result of a layout-keeping op on a map
-        spatial = _is_map(val) and (
-            role == "input"
-            or (
-                role == "dependent"
-                and node.target not in VIEW_OPS
-                and any(info(a).spatial for a in node.all_input_nodes)
-            )
-        )
-        res = tuple(int(s) for s in val.shape[-2:]) if spatial else None
-        set_info(node, role=role, spatial=spatial, resolution=res)
+        lay = None
+        if role == "input" and _is_map(val):
+            lay = Layout("map", int(val.shape[0]), int(val.shape[1]), _res(val))
+        elif role == "dependent" and node.op == "call_function":
+            lay = _result_layout(node, val, lays, attention_outs, prober)
+        if lay is not None:
+            lays[node] = lay
+        set_info(
+            node, role=role, spatial=lay is not None and lay.kind == "map",
+            resolution=lay.res if lay is not None else None,
+            layout=lay.kind if lay is not None and lay.kind != "map" else "",
+        )  # fmt: skip
+        if role == "dependent" and node.target in ATTENTION_CORE_OPS:
+            m = match_attention(node, is_view, is_identity, _source_test(lays))
+            if m is not None and _val(m.k).shape[0] == _val(m.q).shape[0] == _val(m.v).shape[0]:
+                attention_outs[m.out] = m
+                m.out.meta["sigec_attention"] = {
+                    "q": m.q.name, "k": m.k.name, "v": m.v.name, "heads": m.heads,
+                    "scale": m.scale, "parts": tuple(p.name for p in m.parts),
+                }  # fmt: skip
+                for p in m.parts:
+                    p.meta["sigec_attention_part"] = m.out.name
+
+
+def _res(val) -> tuple[int, int]:
+    return int(val.shape[-2]), int(val.shape[-1])
+
+
+def _source_test(lays):
+    def is_source(n, role):
+        if n in lays and lays[n].kind == "tokens":
+            return True
+        return role == "kv" and info(n).role in ("static", "const", "param")
+
+    return is_source
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """A data-movement op or an identity: its result holds its first operand's values."""
+    return node.target in VIEW_OPS or is_identity(node)
+
+
+def is_identity(node: torch.fx.Node) -> bool:
+    """Eval dropout, clones, same-dtype casts, multiply/divide by 1."""
+    t = node.target
+    if node.op != "call_function":
+        return False
+    if t in (aten.alias.default, aten.clone.default, aten.contiguous.default):
+        return True
+    if t in (aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar):
+        other = node.args[1] if len(node.args) > 1 else None
+        return isinstance(other, int | float) and other == 1  # e.g. output_scale_factor=1.0
+    if t == aten.dropout.default:  # dropout(x, p, train)
+        return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
+    if t in (aten.to.dtype, aten._to_copy.default):
+        src, out = _val(node.args[0]), _val(node)
+        return (
+            src is not None and out is not None and src.dtype == out.dtype
+            and src.device == out.device and not node.kwargs.get("memory_format")
+        )  # fmt: skip
+    return False
+
+
+def _result_layout(node, val, lays, attention_outs, prober) -> Layout | None:
+    """The layout of a dependent node's result, or None if it is not a map in any layout."""
+    if node in attention_outs:
+        q = lays[attention_outs[node].q]
+        return Layout("tokens", q.batch, int(val.shape[-1]), q.res)
+    ins = [a for a in node.all_input_nodes if a in lays]
+    if not ins:
+        return None
+    if is_view(node):
+        src = node.args[0]
+        if src not in lays or not isinstance(val, torch.Tensor):
+            return None
+        return prober.view_layout(node, lays[src], identity=is_identity(node))
+    if any(lays[a].kind == "map" for a in ins):  # an op on maps: a 4-D result is a map
+        if _is_map(val):
+            return Layout("map", int(val.shape[0]), int(val.shape[1]), _res(val))
+        return None
+    lay = lays[ins[0]]
+    if any((lays[a].kind, lays[a].res, lays[a].batch) != (lay.kind, lay.res, lay.batch)
+           for a in ins):  # fmt: skip
+        return None
+    return _token_op_layout(node, val, lay, lays)
+
+
+def _token_op_layout(node, val, lay: Layout, lays) -> Layout | None:
+    """Layout of a per-token op's result on operands in token layout ``lay`` (None: not one)."""
+    t = node.target
+    cdim = lay.channel_dim
+    x = node.args[0] if node.args else None
+    if t is operator.getitem:  # a part of a chunk along the channels
+        if x.target not in CHUNK_OPS or not isinstance(val, torch.Tensor):
+            return None
+        out = lay.with_channels(int(val.shape[cdim]))
+    elif t in CHUNK_OPS:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % len(lay.shape()) != cdim or x not in lays:
+            return None
+        return lay
+    elif t == aten.layer_norm.default:
+        shape = list(node.args[1])
+        if lay.kind not in ("tokens", "nhwc") or shape != [lay.channels] or x not in lays:
+            return None
+        out = lay
+    elif t == aten.linear.default:
+        if (
+            lay.kind not in ("tokens", "nhwc")
+            or x not in lays
+            or any(a in lays for a in node.all_input_nodes[1:])
+        ):
+            return None
+        out = lay.with_channels(int(val.shape[-1]))
+    elif t == aten.group_norm.default:
+        if lay.kind != "flat" or x not in lays or any(a in lays for a in node.all_input_nodes[1:]):
+            return None
+        out = lay
+    elif t in POINTWISE_OPS:
+        for a in node.all_input_nodes:
+            if a not in lays and not _per_channel(_val(a), lay):
+                return None
+        out = lay.with_channels(int(val.shape[cdim])) if isinstance(val, torch.Tensor) else None
+    else:
+        return None
+    if out is None or not isinstance(val, torch.Tensor) or tuple(val.shape) != out.shape():
+        return None
+    return out
+
+
+def _per_channel(v, lay: Layout) -> bool:
+    """Whether tensor ``v`` broadcasts against ``lay``'s shape per channel (or is a scalar)."""
+    if not isinstance(v, torch.Tensor):
+        return True
+    if v.numel() == 1:
+        return True
+    shape = lay.shape()
+    if v.dim() > len(shape):
+        return False
+    cdim = lay.channel_dim - len(shape)  # negative index of the channel dim
+    if -cdim > v.dim():
+        return False
+    dims = list(v.shape)
+    c = dims[cdim]
+    dims[cdim] = 1
+    return c in (1, lay.channels) and all(d == 1 for d in dims)
 
 
 # --- pass 2: op classes and execution modes ----------------------------------------
@@ -229,12 +372,30 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
         if target in SIDE_EFFECT_OPS:
             set_info(node, op="side_effect", mode="dense")
             continue
-        if not ni.spatial:
+        if "sigec_attention_part" in node.meta:  # replaced with its attention core
+            set_info(node, op="attention_part", mode="fold")
+            continue
+        if not ni.spatial and not ni.layout:
             set_info(node, op="dense", mode="dense", reason=_non_map_reason(node))
             continue
         res = ni.resolution
         op, mode, reason = "dense", "dense", f"unsupported op {target}: runs dense"
-        if target in CONV_OPS:
+        if "sigec_attention" in node.meta:  # the merged heads of a recognised attention core
+            op, mode, reason = "attention", "sparse", ""
+        elif is_view(node):  # the same map (in some layout): nothing to compute
+            op, mode, reason = "view", "fold", ""
+        elif ni.layout and target in CHUNK_OPS:
+            op, mode, reason = "chunk", "fold", ""
+        elif ni.layout and target in (aten.layer_norm.default, aten.linear.default,
+                                      operator.getitem, *POINTWISE_OPS):  # fmt: skip
+            op, mode, reason = "tokenwise", "sparse", ""
+        elif ni.layout and target == aten.group_norm.default:  # on [B, C, H*W]: a map's norm
+            op = "norm"
+            if exact:
+                reason = "group_norm statistics span the whole map (exact policy): runs dense"
+            else:
+                mode, reason = "fold", ""
+        elif target in CONV_OPS:
             op = "conv"
             p = _conv_params(node)
             if p is None:
@@ -269,7 +430,11 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
             else:
                 op = "resample"
                 reason = "nearest resampling by a non-integer or downsampling factor: runs dense"
-        if mode != "dense" and min(res) < config.sparse_min_resolution:
+        if (
+            mode != "dense"
+            and op not in ("view", "chunk")
+            and min(res) < config.sparse_min_resolution
+        ):
             mode = "dense"
             reason = (
                 f"resolution {res[0]}x{res[1]} is below sparse_min_resolution "
@@ -281,7 +446,8 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
 def _non_map_reason(node: torch.fx.Node) -> str:
     if node.target in ATTENTION_OPS or node.target in MATMUL_OPS:
         return (
-            "attention / matmul over tokens: runs dense (sparse attention is not implemented yet)"
+            "attention / matmul over tokens outside a recognised attention core (with a mask, "
+            "causal, or a non-standard head split), or on tensors that are not maps: runs dense"
         )
     return f"{node.target} on a non-map tensor derived from an image: runs dense"
 
@@ -306,8 +472,10 @@ def mask_rules(gm: torch.fx.GraphModule):
             continue
         srcs = tuple(a.name for a in node.all_input_nodes if info(a).role in ("input", "dependent"))
         map_srcs = tuple(
-            a.name for a in node.all_input_nodes if info(a).spatial and info(a).role != "param"
-        )
+            a.name for a in node.all_input_nodes
+            if (info(a).spatial or info(a).layout) and info(a).role != "param"
+        )  # fmt: skip
+        region = ni.spatial or bool(ni.layout)
         rule = MaskRule(node.name, "full", srcs)
         if ni.spatial and ni.op == "conv" and conv_params(node) is not None:
             _, _, stride, padding, dilation, _ = conv_params(node)
@@ -318,7 +486,9 @@ def mask_rules(gm: torch.fx.GraphModule):
         elif ni.spatial and ni.op in ("pointwise", "cat") and len(map_srcs) == len(srcs):
             if not _operands_fit_tiles(node, ni.resolution):
                 rule = MaskRule(node.name, "union", map_srcs)
-        elif ni.spatial and ni.op == "norm" and ni.mode == "fold":
+        elif region and ni.op in ("view", "tokenwise", "chunk") and len(map_srcs) == len(srcs):
+            rule = MaskRule(node.name, "union", map_srcs)
+        elif region and ni.op == "norm" and ni.mode == "fold":
             rule = MaskRule(node.name, "union", map_srcs)
         elif ni.spatial and ni.op == "upsample":
             rule = MaskRule(node.name, "upsample", map_srcs, factor=upsample_factor(node))

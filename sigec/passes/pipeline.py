@@ -16,6 +16,7 @@ from sigec.errors import CaptureError
 from sigec.passes import rewrite as rw
 from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
 from sigec.passes.capture import capture
+from sigec.passes.tokens import tokens_to_maps
 from sigec.runtime import ops
 from sigec.runtime.program import MacEntry, Program
 
@@ -23,6 +24,7 @@ log = logging.getLogger("sigec.passes")
 
 PIPELINE = (
     rw.add_runtime_inputs,  # state / tiles placeholders: every later pass may use them
+    tokens_to_maps,  # token regions -> ops on maps; first, so every pass below sees only maps
     rw.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
     rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
     rw.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
@@ -91,14 +93,16 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         for n in edit_gm.graph.nodes
         if n.target is ops.sparse_conv2d
     }
+    conv_tiles.update(ctx.op_tiles)  # token-wise linears and attention cores on tiles
     macs = tuple(
         MacEntry(e.node, e.op, e.resolution, e.dense, "sparse", e.per_pixel, conv_tiles[e.node])
-        if e.node in conv_tiles
+        if e.node in conv_tiles and e.per_pixel
         else e
         for e in macs
     )
     nodes = list(record_gm.graph.nodes)
-    node_res = {n.name: info(n).resolution for n in nodes if info(n).spatial}
+    node_res = {n.name: info(n).resolution for n in nodes if info(n).resolution is not None}
+    layouts = {n.name: (info(n).layout, info(n).resolution) for n in nodes if info(n).layout}
     fallbacks = tuple(
         (n.name, str(n.target), info(n).reason)
         for n in nodes
@@ -135,5 +139,6 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         macs=macs,
         fallbacks=fallbacks,
         counters=dict(ctx.counters),
+        layouts=layouts,
         policy=config.mask_policy,
     )

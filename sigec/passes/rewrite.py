@@ -21,6 +21,7 @@ from sigec.passes.analysis import (
     ACTIVATION_OPS,
     conv_params,
     info,
+    is_identity,
     set_info,
     upsample_factor,
     zero_pads,
@@ -43,6 +44,7 @@ class PassContext:
     maps: dict[str, tuple] = field(default_factory=dict)  # name -> (shape, dtype)
     tile_requests: dict[str, TileRequest] = field(default_factory=dict)
     map_tiles: dict[str, str] = field(default_factory=dict)
+    op_tiles: dict[str, str] = field(default_factory=dict)  # captured linear/attention -> tiles
     state: torch.fx.Node | None = None
     tiles: torch.fx.Node | None = None
 
@@ -153,24 +155,6 @@ def cache_statics(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "cache_statics", changed)
 
 
-def _is_identity(node: torch.fx.Node) -> bool:
-    t = node.target
-    if t in (aten.alias.default, aten.clone.default, aten.contiguous.default):
-        return True
-    if t in (aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar):
-        other = node.args[1] if len(node.args) > 1 else None
-        return isinstance(other, int | float) and other == 1  # e.g. output_scale_factor=1.0
-    if t == aten.dropout.default:  # dropout(x, p, train)
-        return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
-    if t in (aten.to.dtype, aten._to_copy.default):
-        src, out = node.args[0].meta.get("val"), node.meta.get("val")
-        return (
-            src is not None and out is not None and src.dtype == out.dtype
-            and src.device == out.device and not node.kwargs.get("memory_format")
-        )  # fmt: skip
-    return False
-
-
 def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Eval-mode dropout, clones and same-dtype casts on image paths: uses see their input.
 
@@ -182,7 +166,7 @@ def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default:
             gm.graph.erase_node(node)
             continue
-        if node.op == "call_function" and info(node).role == "dependent" and _is_identity(node):
+        if node.op == "call_function" and info(node).role == "dependent" and is_identity(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             changed += 1
@@ -200,12 +184,12 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if node.target == aten.group_norm.default:
             x, groups, w, b = a[0], a[1], a[2], a[3]
             eps = a[4] if a[4] is not None else 1e-5
-            spec = NormFold(node.name, "group_norm", x.name, _name(w), _name(b), float(eps),
-                            num_groups=int(groups))  # fmt: skip
+            spec = NormFold(orig_name(node), "group_norm", orig_name(x), _name(w), _name(b),
+                            float(eps), num_groups=int(groups))  # fmt: skip
         else:  # batch_norm(input, weight, bias, running_mean, running_var, training, mom, eps, ..)
             x, w, b, rm, rv, eps = a[0], a[1], a[2], a[3], a[4], a[7]
-            spec = NormFold(node.name, "batch_norm", x.name, _name(w), _name(b), float(eps),
-                            running_mean=_name(rm), running_var=_name(rv))  # fmt: skip
+            spec = NormFold(orig_name(node), "batch_norm", orig_name(x), _name(w), _name(b),
+                            float(eps), running_mean=_name(rm), running_var=_name(rv))  # fmt: skip
         incremental = spec.kind == "group_norm" and ctx.config.norm_stats == "incremental"
         spec = dataclasses.replace(spec, incremental=incremental)
         ctx.norms.append(spec)
@@ -213,19 +197,19 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             if incremental:  # statistics of the map being computed, updated from its tiles
                 stats = gm.graph.call_function(
                     ops.norm_incremental, (ctx.state, ctx.tiles, x, w, b),
-                    {"name": node.name, "groups": spec.num_groups, "eps": spec.eps},
+                    {"name": spec.name, "groups": spec.num_groups, "eps": spec.eps},
                 )  # fmt: skip
                 stats.meta["sigec"] = info(node)
                 set_info(stats, op="norm_stats", mode="", spatial=False, resolution=None)
                 scale = gm.graph.call_function(operator.getitem, (stats, 0))
                 shift = gm.graph.call_function(operator.getitem, (stats, 1))
             else:
-                scale = gm.graph.call_function(ops.norm_scale, (ctx.state, node.name))
-                shift = gm.graph.call_function(ops.norm_shift, (ctx.state, node.name))
+                scale = gm.graph.call_function(ops.norm_scale, (ctx.state, spec.name))
+                shift = gm.graph.call_function(ops.norm_shift, (ctx.state, spec.name))
         for n in (scale, shift):
             n.meta["sigec"] = info(n)
             set_info(n, role="static", mode="cached")
-        name = node.name
+        name = orig_name(node)
         new = _replace_with(gm, node, ops.affine, (x, scale, shift))
         new.meta["sigec_name"] = name
         set_info(new, op="affine", mode="sparse")
@@ -417,27 +401,44 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "fuse_residuals", changed)
 
 
+RUNTIME_MAP_OPS = {ops.sparse_conv2d, ops.sparse_attention, ops.tile_op, ops.tile_upsample}
+
+
 def _is_tile_op(node: torch.fx.Node) -> bool:
     ni = info(node)
     return (
         node.op == "call_function" and ni.mode == "sparse" and ni.spatial
-        and node.target is not ops.sparse_conv2d and ni.op != "upsample"
+        and node.target not in RUNTIME_MAP_OPS and ni.op != "upsample"
     )  # fmt: skip
 
 
-def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Remaining sparse pointwise ops, concatenations and folded norms -> ``tile_op``.
+def _expression_roots(gm: torch.fx.GraphModule) -> dict:
+    """Tile op -> the tile op whose expression computes it (itself if it gets a working map).
 
-    A chain of them runs as one ``tile_op`` whose function is the whole expression (a small
-    GraphModule): an op whose only user is another such op at the same resolution is inlined
-    into it, so only the chain's result gets a working map (one gather per input map and one
-    scatter, instead of one of each per op).
+    An op is inlined when every user is a tile op at its resolution and all of them belong to
+    the same expression: chains, and DAGs such as GEGLU's two halves of one projection.
     """
-    inlined = {
-        n for n in gm.graph.nodes
-        if _is_tile_op(n) and len(n.users) == 1 and _is_tile_op(next(iter(n.users)))
-        and info(next(iter(n.users))).resolution == info(n).resolution
-    }  # fmt: skip
+    root: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in reversed(list(gm.graph.nodes)):
+        if not _is_tile_op(n):
+            continue
+        users = list(n.users)
+        owners = {root.get(u) for u in users}
+        same = all(_is_tile_op(u) and info(u).resolution == info(n).resolution for u in users)
+        root[n] = next(iter(owners)) if users and same and len(owners) == 1 else n
+    return root
+
+
+def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Remaining sparse pointwise ops, concatenations, norms and token-wise ops -> ``tile_op``.
+
+    Connected ops run as one ``tile_op`` whose function is the whole expression (a small
+    GraphModule): an op whose users all belong to one expression at the same resolution is
+    inlined into it, so only the expression's result gets a working map (one gather per input
+    map and one scatter, instead of one of each per op).
+    """
+    roots = _expression_roots(gm)
+    inlined = {n for n, r in roots.items() if r is not n}
     changed = fused = 0
     for node in list(gm.graph.nodes):
         if not _is_tile_op(node) or node in inlined:
@@ -446,6 +447,8 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         is_map = lambda a: isinstance(a, torch.fx.Node) and info(a).spatial
         name = orig_name(node)
         key = ctx.request(name, info(node).resolution)
+        for member in group:
+            ctx.op_tiles[orig_name(member)] = key
         if len(group) == 1:  # a single op: call it directly
             fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
             args, kwargs = node.args, dict(node.kwargs)
@@ -552,8 +555,10 @@ def count_macs(gm: torch.fx.GraphModule, config: SparseConfig) -> tuple[MacEntry
         elif node.target in (aten.linear.default,):
             w = node.args[1].meta["val"]
             rows = val.numel() // int(val.shape[-1])
-            dense = rows * int(w.shape[0]) * int(w.shape[1])
-            entries.append(MacEntry(node.name, "linear", None, dense, mode))
+            res = ni.resolution if ni.layout else None  # a token-wise linear: per pixel
+            per_px = int(w.shape[0]) * int(w.shape[1]) if res else 0
+            entries.append(MacEntry(node.name, "linear", res, rows * int(w.shape[0])
+                                    * int(w.shape[1]), mode, per_px))  # fmt: skip
         elif node.target == aten.addmm.default:
             a, b = node.args[1].meta["val"], node.args[2].meta["val"]
             entries.append(MacEntry(node.name, "linear", None, int(a.shape[0]) * int(a.shape[1])
@@ -562,9 +567,20 @@ def count_macs(gm: torch.fx.GraphModule, config: SparseConfig) -> tuple[MacEntry
             q, k = node.args[0].meta["val"], node.args[1].meta["val"]
             lead = q.numel() // (int(q.shape[-2]) * int(q.shape[-1]))
             dense = 2 * lead * int(q.shape[-2]) * int(k.shape[-2]) * int(q.shape[-1])
-            entries.append(MacEntry(node.name, "attention", None, dense, mode))
+            entries.append(_attention_macs(gm, node, dense, mode))
         elif node.target in (aten.bmm.default, aten.baddbmm.default):
             a = node.args[-2].meta["val"]
             dense = int(a.shape[0]) * int(a.shape[1]) * int(a.shape[2]) * int(val.shape[-1])
-            entries.append(MacEntry(node.name, "attention", None, dense, mode))
+            entries.append(_attention_macs(gm, node, dense, mode))
     return tuple(entries)
+
+
+def _attention_macs(gm, node, dense: int, mode: str) -> MacEntry:
+    """A MacEntry for an attention op; per query pixel when it belongs to a recognised core."""
+    out_name = node.meta.get("sigec_attention_part")
+    out = next((n for n in gm.graph.nodes if n.name == out_name), None) if out_name else None
+    if out is None or info(out).resolution is None:
+        return MacEntry(node.name, "attention", None, dense, mode)
+    res = info(out).resolution
+    queries = int(out.meta["val"].shape[0]) * res[0] * res[1]
+    return MacEntry(node.name, "attention", res, dense, mode, dense // queries)

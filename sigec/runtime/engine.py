@@ -27,6 +27,7 @@ from sigec.errors import InputMismatchError, MaskError, NotRecordedError, StaleC
 from sigec.kernels import restore
 from sigec.runtime.inputs import flatten_call
 from sigec.runtime.masks import TileSet, difference_mask, dilate
+from sigec.runtime.ops import layout_to_map
 from sigec.runtime.program import Program
 from sigec.runtime.tiles import TileTable, edit_masks
 
@@ -186,6 +187,9 @@ class SparseEngine(torch.nn.Module):
         recorder = _Recorder(self.record_gm, keep)
         outs = recorder.run(*flat)
         values = recorder.kept
+        for name, (layout, res) in prog.layouts.items():
+            if name in values:  # a map kept in a token layout: the edit holds maps
+                values[name] = layout_to_map(values[name], layout, res)
         state = SlotState()
         for name in prog.maps:
             state.add_map(name, values[name])
@@ -315,7 +319,8 @@ class SparseEngine(torch.nn.Module):
             sparse convs on their active tiles, dense convs / linears / attention in full, cached
             values 0; None before the first edit), "macs_ratio" (dense / sparse), "active_fraction"
             ({"HxW": share of output pixels the sparse convs at that resolution computed}),
-            "macs_by_resolution" ({"HxW" or "tokens": {"dense", "sparse"}}),
+            "macs_by_resolution" ({"HxW" or "tokens": {"dense", "sparse"}}), "macs_by_op" (the
+            same per op kind: "conv", "linear", "attention"),
             "cache_bytes" (this slot), "dense_fallbacks" (node, op, reason), "rewrites" (pass
             counters), "tiles" (active tiles per tile list).
         """
@@ -326,6 +331,7 @@ class SparseEngine(torch.nn.Module):
         sparse = None
         frac: dict[str, list[float]] = {}
         by_res: dict[str, list[int]] = {}  # "HxW" (or "tokens") -> [dense, executed]
+        by_op: dict[str, list[int]] = {}  # "conv", "linear", "attention" -> [dense, executed]
         counts = {}
         if tiles is not None:
             counts = {k: _count(ts) for k, ts in tiles.used().items()}
@@ -344,15 +350,17 @@ class SparseEngine(torch.nn.Module):
                     covered = min(px, e.resolution[0] * e.resolution[1])
                     frac.setdefault(key, []).append(covered / (e.resolution[0] * e.resolution[1]))
                 sparse += done
-                row = by_res.setdefault(key, [0, 0])
-                row[0] += e.dense
-                row[1] += done
+                for table, k in ((by_res, key), (by_op, e.op)):
+                    row = table.setdefault(k, [0, 0])
+                    row[0] += e.dense
+                    row[1] += done
         return {
             "dense_macs": dense,
             "sparse_macs": sparse,
             "macs_ratio": (dense / sparse) if sparse else None,
             "active_fraction": {k: sum(v) / len(v) for k, v in frac.items()},
             "macs_by_resolution": {k: {"dense": d, "sparse": x} for k, (d, x) in by_res.items()},
+            "macs_by_op": {k: {"dense": d, "sparse": x} for k, (d, x) in by_op.items()},
             "cache_bytes": state.nbytes() if state is not None else 0,
             "dense_fallbacks": [
                 {"node": n, "op": op, "reason": why} for n, op, why in prog.fallbacks

@@ -176,11 +176,117 @@ def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile
     return out
 
 
+# --- token regions: maps in other layouts (transformer blocks) ---------------------------------
+#
+# A token tensor [B, H*W, C] is a map [B, C, H, W] in another layout: token n is pixel
+# (n // W, n % W). The passes rewrite token-wise ops to the functions below, which take and return
+# maps (or tile batches: every one of them is per pixel, except attention's keys and values).
+
+LAYOUTS = ("map", "tokens", "flat", "nhwc")
+
+
+def map_to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A map ``[B, C, H, W]`` as "tokens" ``[B, H*W, C]``, "flat" ``[B, C, H*W]`` or "nhwc"."""
+    b, c, h, w = x.shape
+    if layout == "tokens":
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    if layout == "flat":
+        return x.reshape(b, c, h * w)
+    if layout == "nhwc":
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+def layout_to_map(t: torch.Tensor, layout: str, res: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``map_to_layout``: token layouts come back as channels-last maps (no copy)."""
+    h, w = res
+    if layout == "tokens":
+        return t.reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
+    if layout == "flat":
+        return t.reshape(t.shape[0], t.shape[1], h, w)
+    if layout == "nhwc":
+        return t.permute(0, 3, 1, 2)
+    return t
+
+
+def channel_operand(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel operand of a token-wise op (``[C]``, ``[1, 1, C]``) as ``[1, C, 1, 1]``."""
+    return t.reshape(1, -1, 1, 1)
+
+
+def layer_norm_channels(x, weight, bias, eps: float) -> torch.Tensor:
+    """LayerNorm over the channels of every pixel (a token LayerNorm), on maps or tiles."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def linear_channels(x, weight, bias=None) -> torch.Tensor:
+    """A Linear on the channels of every pixel (a token Linear), on maps or tiles."""
+    return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return map_to_layout(t, "tokens") if t.dim() == 4 else t
+
+
+def attention_rows(q, k, v, heads: int, scale: float | None) -> torch.Tensor:
+    """Multi-head attention of query rows ``[B, L, C]`` over keys/values ``[B, N, C]``.
+
+    Rows are independent: any subset of the queries gives the same rows as all of them.
+    """
+    b, rows, c = q.shape
+    n = k.shape[1]
+    qh = q.reshape(b, rows, heads, c // heads).transpose(1, 2)
+    kh = k.reshape(b, n, heads, k.shape[-1] // heads).transpose(1, 2)
+    vh = v.reshape(b, n, heads, v.shape[-1] // heads).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+    return o.transpose(1, 2).reshape(b, rows, v.shape[-1])
+
+
+def attention_channels(q, k, v, heads: int, scale: float | None) -> torch.Tensor:
+    """Attention with every pixel of map ``q`` as a query; ``k``/``v`` are maps or token tensors.
+
+    Returns a map ``[B, Cv, H, W]`` (channels-last strides).
+    """
+    b, _, h, w = q.shape
+    o = attention_rows(_tokens(q), _tokens(k), _tokens(v), heads, scale)
+    return layout_to_map(o, "tokens", (h, w))
+
+
+def sparse_attention(state, tiles, q, k, v, *, heads: int, scale: float | None, name: str,
+                     tile_key: str) -> torch.Tensor:  # fmt: skip
+    """Attention for the queries of the active tiles only, against all keys and values.
+
+    ``k``/``v`` are the full key/value maps (self-attention: the edit updated them at its active
+    tiles) or cached token tensors (cross-attention: computed at record). The result is scattered
+    into the working map of ``name``.
+    """
+    ts = tiles[tile_key]
+    out = state.work(name)
+    b = out.shape[0]
+    th, tw = ts.out_tile
+    qt = gather(q, ts.out_corners, th, tw, num_active=ts.num_active, check_values=False)
+    m, c, cv = qt.shape[0] // b, q.shape[1], out.shape[1]
+    state.note_written(name, ts)
+    if m == 0:  # nothing active (an exact list can be empty)
+        return out
+    rows = qt.reshape(b, m, c, th, tw).permute(0, 1, 3, 4, 2).reshape(b, m * th * tw, c)
+    o = attention_rows(rows, _tokens(k), _tokens(v), heads, scale)
+    y = o.reshape(b, m, th, tw, cv).permute(0, 1, 4, 2, 3).reshape(b * m, cv, th, tw)
+    scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
+            num_active=ts.num_active, check_values=False)  # fmt: skip
+    return out
+
+
 def _fmt(t: torch.Tensor) -> torch.memory_format:
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
 
 
 # Python functions that edit graphs run on tiles, by name (FX code generation prints names).
-TILE_FUNCTIONS = {"sigec.affine": affine}
+TILE_FUNCTIONS = {
+    "sigec.affine": affine,
+    "sigec.layer_norm_channels": layer_norm_channels,
+    "sigec.linear_channels": linear_channels,
+}
 TILE_FUNCTIONS_BY_FN = {fn: name for name, fn in TILE_FUNCTIONS.items()}

@@ -123,3 +123,6 @@ class Program:
     fallbacks: tuple[tuple[str, str, str], ...]  # (node, op, reason)
     counters: dict[str, int] = field(default_factory=dict)
     policy: str = "truncated"
+    # captured token-region nodes (maps in another layout): name -> (layout, (H, W)); their
+    # recorded values are converted to maps (sigec.runtime.ops.layout_to_map)
+    layouts: dict[str, tuple[str, Resolution]] = field(default_factory=dict)
