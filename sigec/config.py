@@ -40,6 +40,10 @@ class SparseConfig:
             list to read its length); "grid": every list is padded to its whole tile grid with
             the count kept on the device: static shapes and no host sync (for CUDA graphs), at
             the cost of computing the padding tiles (zeros).
+        cuda_graphs: run each edit as one CUDA graph replay (truncated policy only; see
+            ``sigec.runtime.graphs``): tile lists get power-of-two capacities, one graph per
+            combination, captured on first use; one host sync per edit; ``commit`` copies the
+            edited tiles into the caches. Off CUDA the same static-shape path runs uncaptured.
     """
 
     mask_policy: str = "truncated"
@@ -52,6 +56,7 @@ class SparseConfig:
     spatial_inputs: tuple[str, ...] | None = None
     norm_stats: str = "cached"
     tile_lists: str = "exact"
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -60,6 +65,11 @@ class SparseConfig:
             )
         if self.tile_lists not in ("exact", "grid"):
             raise ValueError(f"tile_lists: expected 'exact' or 'grid', got {self.tile_lists!r}")
+        if self.cuda_graphs and self.mask_policy != "truncated":
+            raise ValueError(
+                "cuda_graphs needs mask_policy='truncated' (the exact policy's masks depend on "
+                "data the host must read)"
+            )
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")
         sizes = dict(_default_block_sizes())

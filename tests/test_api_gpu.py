@@ -45,3 +45,27 @@ def test_fp16_on_cuda_matches_fp32_on_cpu(name):
 
     torch.testing.assert_close(run("cuda", torch.float16), run("cpu", torch.float32),
                                rtol=2e-2, atol=2e-2)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["ddpm-tiny", "sd15-unet-tiny"])
+def test_cuda_graph_edits_match_eager_edits_and_replay(name):
+    model, args, kwargs = build_on(name, "cuda", torch.float16)
+    base = dict(MODELS[name].sige_config, norm_stats="incremental")
+    eager = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base))
+    graphed = sigec.compile(model, args, kwargs,
+                            config=sigec.SparseConfig(**base, cuda_graphs=True))  # fmt: skip
+    for e in (eager, graphed):
+        e.record(*args, **kwargs)
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    for i, mask_name in enumerate(["blob", "pixel", "blob", "full", "blob"]):
+        xe = apply_edit(x.cpu().float(), masks[mask_name], seed=i).to(x)
+        want = getattr(eager.edit(xe, *args[1:], **kwargs), "sample", None)
+        got = getattr(graphed.edit(xe, *args[1:], **kwargs), "sample", None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if mask_name == "full":
+            eager.commit()
+            graphed.commit()
+            x = xe
+    runner = graphed.slots["0"].graphs
+    assert runner.captures < 5  # the repeated "blob" edits replay an existing graph

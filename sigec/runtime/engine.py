@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 
 from sigec.errors import InputMismatchError, MaskError, NotRecordedError, StaleCacheError
 from sigec.kernels import restore
+from sigec.runtime.graphs import GraphedEdits
 from sigec.runtime.inputs import flatten_call
 from sigec.runtime.masks import TileSet, difference_mask, dilate
 from sigec.runtime.ops import layout_to_map
@@ -49,6 +50,7 @@ class SlotState(torch.nn.Module):
         self.written: dict[str, TileSet] = {}  # this edit: map -> the tiles its op wrote
         self.norm_inputs: dict[str, str] = {}  # incremental norm -> its input node
         self.pending_norm_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphs = None  # GraphedEdits, with SparseConfig(cuda_graphs=True)
 
     def add_map(self, name: str, value: torch.Tensor) -> None:
         self.register_buffer(f"cache__{name}", value.detach().clone())
@@ -230,6 +232,11 @@ class SparseEngine(torch.nn.Module):
         state = self._slot(slot)
         self._check_not_stale(state, flat)
         edit_mask = self._edit_mask(state, flat, mask)
+        if self.config.cuda_graphs:
+            if state.graphs is None:
+                state.graphs = GraphedEdits(self, state)
+            outs = state.graphs.run(flat, edit_mask)
+            return self._finish_edit(state, flat, outs)
         state.restore_dirty()
         state.written, state.pending_norm_sums = {}, {}
         masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,
@@ -242,6 +249,9 @@ class SparseEngine(torch.nn.Module):
             if key in tiles.used() and name in self.program.maps
         }
         state.last_tiles = tiles
+        return self._finish_edit(state, flat, outs)
+
+    def _finish_edit(self, state, flat, outs):
         state.pending_inputs = {
             i: flat[i] for i, k in enumerate(self.program.input_kinds) if k == "spatial"
         }
@@ -253,7 +263,10 @@ class SparseEngine(torch.nn.Module):
         state = self._slot(slot)
         if state.pending_inputs is None:
             return
-        state.swap()
+        if state.graphs is not None:
+            state.graphs.commit()  # graphs hold buffer addresses: copy, never swap
+        else:
+            state.swap()
         for i, value in state.pending_inputs.items():
             state.recorded_input(i).copy_(value)
         state.pending_inputs = None
@@ -376,6 +389,7 @@ class SparseEngine(torch.nn.Module):
         if self._rebuild is not None:
             self._set_program(self._rebuild(device, dtype))
         for state in self.slots.values():
+            state.graphs = None  # captured for the old buffers: captured again on next edit
             state.to(device=device)
             if dtype is not None:
                 for name, buf in state._buffers.items():

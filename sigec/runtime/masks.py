@@ -167,6 +167,16 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def tile_grid(mask: torch.Tensor, tile) -> torch.Tensor:
+    """bool ``[ceil(Ho / bh), ceil(Wo / bw)]``: which output tiles hold a masked pixel."""
+    bh, bw = _pair(tile)
+    m = _as_batched(mask).any(dim=0)  # [Ho, Wo]
+    ho, wo = m.shape
+    gh, gw = math.ceil(ho / bh), math.ceil(wo / bw)
+    grid = F.max_pool2d(m[None, None].float(), (bh, bw), (bh, bw), ceil_mode=True)[0, 0] > 0
+    return grid[:gh, :gw]
+
+
 def active_tiles(
     mask: torch.Tensor,
     kernel_size,
@@ -202,11 +212,8 @@ def active_tiles(
             f"active_tiles: kernel {kh}x{kw}, stride {sh}x{sw}, tile {bh}x{bw} must be >= 1 and "
             f"padding {ph}x{pw} >= 0"
         )
-    m = _as_batched(mask).any(dim=0)  # [Ho, Wo]
-    ho, wo = m.shape
-    gh, gw = math.ceil(ho / bh), math.ceil(wo / bw)
-    grid = F.max_pool2d(m[None, None].float(), (bh, bw), (bh, bw), ceil_mode=True)[0, 0] > 0
-    grid = grid[:gh, :gw]
+    grid = tile_grid(mask, (bh, bw))
+    gw = grid.shape[1]
     if capacity is None:
         idx = grid.nonzero().to(torch.int32)  # [M, 2] (host sync: M is data-dependent)
         count = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sigec.runtime.masks import TileSet, active_tiles, mask_pyramid
+from sigec.runtime.masks import TileSet, active_tiles, mask_pyramid, tile_grid
 from sigec.runtime.program import MaskRule, Program, TileRequest
 
 
@@ -64,10 +64,12 @@ class TileTable:
     ``table[key]`` gives the ``TileSet`` of ``program.tile_requests[key]``.
     """
 
-    def __init__(self, program: Program, masks: dict, pad_to_grid: bool = False):
+    def __init__(self, program: Program, masks: dict, pad_to_grid: bool = False,
+                 capacities: dict[str, int] | None = None):  # fmt: skip
         self.program = program
         self.masks = masks
         self.pad_to_grid = pad_to_grid
+        self.capacities = capacities  # fixed list sizes per key (CUDA graphs' buckets)
         self._sets: dict[str, TileSet] = {}
 
     def __getitem__(self, key: str) -> TileSet:
@@ -79,9 +81,10 @@ class TileTable:
     def _make(self, req: TileRequest, key: str) -> TileSet:
         mask = self.masks[req.mask]
         capacity = None
-        if self.pad_to_grid:  # the whole grid: a size that does not depend on the mask
-            h, w = mask.shape[-2:]
-            capacity = -(-h // req.tile[0]) * -(-w // req.tile[1])
+        if self.capacities is not None:
+            capacity = self.capacities[key]
+        elif self.pad_to_grid:  # the whole grid: a size that does not depend on the mask
+            capacity = grid_size(req, mask.shape[-2:])
         ts = active_tiles(mask, req.kernel, req.stride, req.padding, req.tile, capacity=capacity)
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
             f = req.in_scale
@@ -91,6 +94,18 @@ class TileTable:
 
     def used(self) -> dict[str, TileSet]:
         return dict(self._sets)
+
+
+def grid_size(req: TileRequest, res) -> int:
+    """Number of output tiles of ``req``'s grid over a map of resolution ``res``."""
+    return -(-int(res[0]) // req.tile[0]) * -(-int(res[1]) // req.tile[1])
+
+
+def tile_counts(program: Program, masks: dict, keys) -> torch.Tensor:
+    """int64 ``[len(keys)]`` on the masks' device: active tiles of each tile list (no sync)."""
+    counts = [tile_grid(masks[program.tile_requests[k].mask], program.tile_requests[k].tile).sum()
+              for k in keys]  # fmt: skip
+    return torch.stack(counts)
 
 
 def edit_masks(program: Program, input_mask: torch.Tensor, threshold: float, dilation: int):
