@@ -1,0 +1,191 @@
+"""The standard benchmark (../shared/DESIGN.md): sigec edits against the strongest dense baselines.
+
+    python benchmarks/suite.py --models ddpm-church-256 --out benchmarks/results/suite.json
+    python benchmarks/plot_suite.py benchmarks/results/suite*.json   # speedup vs edit size
+
+Per model, in one process on one card: dense eager and dense ``torch.compile(mode=
+"reduce-overhead")`` (median CUDA-event time after warm-up, compile time), and sigec edits for
+compact one-blob masks of 1.2 / 5 / 15 / 30 / 100 %, run eagerly and from CUDA graphs (and in bf16
+with ``--bf16``): median edit time, ratios to both dense baselines, PSNR against the dense model
+on the edited input (same dtype), max abs error outside the mask, executed MACs, cache bytes per
+slot, capture counts. At 1.2 % one edit of each variant is profiled: kernels launched, GPU busy
+time vs wall time, time per op class. Results are merged into ``--out`` (one entry per model), so
+models can run in separate processes. Never asserts; never run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sigec
+from benchmarks.edit_latency import psnr, time_ms
+from sigec.models.configs import MODELS, build_on
+from sigec.runtime.masks import blob_mask
+
+STANDARD = ("ddpm-church-256", "sd15-unet-512", "sd15-unet-512x1024", "gaugan-cityscapes")
+FRACTIONS = (0.012, 0.05, 0.15, 0.30, 1.0)
+
+# kernel name fragment -> op class (first match wins)
+OP_CLASSES = (
+    ("sigec gather", ("gather_kernel",)),
+    ("sigec scatter", ("scatter_kernel",)),
+    ("sigec restore", ("restore_kernel",)),
+    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("conv (cuDNN)", ("conv", "xmma_fprop", "implicit", "cudnn", "fprop")),
+    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "splitk")),
+    ("layout (NCHW<->NHWC)", ("nchwtonhwc", "nhwctonchw", "nchwToNhwc", "nhwcToNchw")),
+    ("triton (compiled)", ("triton_",)),
+    ("copy / index", ("copy", "index", "gather", "scatter", "cat", "fill")),
+    ("elementwise / reduce", ("elementwise", "vectorized", "reduce", "norm")),
+)
+
+
+def _sample(out):
+    return out.sample if hasattr(out, "sample") else out
+
+
+def op_class(name: str) -> str:
+    low = name.lower()
+    for cls, frags in OP_CLASSES:
+        if any(f.lower() in low for f in frags):
+            return cls
+    return "other"
+
+
+def profile_call(fn) -> dict:
+    """Kernels, GPU busy time and wall time of one call, with time per op class."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_class = collections.Counter()
+    for e in kernels:
+        by_class[op_class(e.name)] += e.device_time / 1e3
+    syncs = sum(o.count for o in prof.key_averages()
+                if o.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))  # fmt: skip
+    return {
+        "kernels": len(kernels),
+        "gpu_busy_ms": round(sum(e.device_time for e in kernels) / 1e3, 3),
+        "wall_ms_profiled": round(wall, 3),
+        "host_syncs": syncs,
+        "ms_by_op_class": {k: round(v, 3) for k, v in by_class.most_common()},
+    }
+
+
+def run_model(name: str, args) -> dict:
+    device = torch.device("cuda")
+    dtype = torch.float16
+    model, inputs, kwargs = build_on(name, device, dtype)
+    x, rest = inputs[0], inputs[1:]
+    out = {"model": name, "dtype": "fp16", "device": torch.cuda.get_device_name(device),
+           "torch": torch.__version__, "batch": int(x.shape[0]),
+           "input": list(x.shape), "variants": {}}  # fmt: skip
+    rep = args.repeat
+    with torch.no_grad():
+        out["dense_eager_ms"] = time_ms(lambda: model(x, *rest, **kwargs), 3, rep, device)
+        t0 = time.perf_counter()
+        compiled = torch.compile(model, mode="reduce-overhead")
+        for _ in range(3):
+            compiled(x, *rest, **kwargs)
+        torch.cuda.synchronize()
+        out["dense_compiled_compile_s"] = round(time.perf_counter() - t0, 1)
+        out["dense_compiled_ms"] = time_ms(lambda: compiled(x, *rest, **kwargs), 3, rep, device)
+        out["dense_compiled_profile"] = profile_call(lambda: compiled(x, *rest, **kwargs))
+        print(name, {k: v for k, v in out.items() if "profile" not in k}, flush=True)
+
+        h, w = x.shape[-2:]
+        g = torch.Generator().manual_seed(10_000)
+        new = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+        edits = []
+        for fraction in args.fractions:
+            mask = blob_mask(h, w, fraction, seed=0, num_blobs=1, device=device)
+            x_edit = torch.where(mask, new, x)
+            edits.append((fraction, mask, x_edit, _sample(model(x_edit, *rest, **kwargs))))
+
+        variants = [("sigec-eager", dtype, False), ("sigec-graphs", dtype, True)]
+        if args.bf16:
+            variants.append(("sigec-graphs-bf16", torch.bfloat16, True))
+        for vname, vdtype, graphs in variants:
+            m, vin, vkw = (model, inputs, kwargs) if vdtype == dtype else build_on(
+                name, device, vdtype)  # fmt: skip
+            config = sigec.SparseConfig(cuda_graphs=graphs, norm_stats=args.norm_stats,
+                                        **MODELS[name].sige_config)  # fmt: skip
+            t0 = time.perf_counter()
+            engine = sigec.compile(m, vin, vkw, config=config)
+            compile_s = time.perf_counter() - t0
+            engine.record(*vin, **vkw)
+            v = {"compile_s": round(compile_s, 1), "norm_stats": args.norm_stats, "rows": []}
+            vrest = vin[1:]
+            for fraction, mask, x_edit, want in edits:
+                xe = x_edit.to(vdtype)
+                fn = lambda xe=xe, mask=mask, e=engine, r=vrest, kw=vkw: e.edit(
+                    xe, *r, mask=mask, **kw
+                )
+                t0 = time.perf_counter()
+                got = _sample(fn())
+                first_s = time.perf_counter() - t0  # includes capture for a new bucket
+                st = engine.stats()
+                outside = torch.nn.functional.interpolate(
+                    mask[None, None].float(), size=got.shape[-2:]
+                )[0, 0] == 0  # fmt: skip
+                diff = got.float() - want.float()
+                row = {
+                    "fraction": fraction,
+                    "edit_ms": time_ms(fn, 3, rep, device),
+                    "first_edit_s": round(first_s, 2),
+                    "psnr_db": round(psnr(got.float(), want.float()), 2),
+                    "max_err_outside_mask": diff[..., outside].abs().max().item()
+                    if outside.any() else 0.0,
+                    "macs_ratio": round(st["dense_macs"] / st["sparse_macs"], 2),
+                }  # fmt: skip
+                row["speedup_vs_eager"] = round(out["dense_eager_ms"] / row["edit_ms"], 2)
+                row["speedup_vs_compiled"] = round(out["dense_compiled_ms"] / row["edit_ms"], 2)
+                if fraction == args.fractions[0]:
+                    row["profile"] = profile_call(fn)
+                v["rows"].append(row)
+                print(name, vname, {k: r for k, r in row.items() if k != "profile"}, flush=True)
+            v["cache_bytes"] = st["cache_bytes"]
+            slot = engine.slots["0"]
+            v["graph_captures"] = slot.graphs.captures if slot.graphs is not None else 0
+            out["variants"][vname] = v
+            del engine
+            torch.cuda.empty_cache()
+    out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(STANDARD), choices=sorted(MODELS))
+    p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    p.add_argument("--norm-stats", default="cached", choices=["cached", "incremental"])
+    p.add_argument("--bf16", action="store_true", help="also run sigec in bf16")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
+    args = p.parse_args()
+    for name in args.models:
+        try:
+            result = run_model(name, args)
+        except Exception as e:  # keep the other models' results
+            result = {"model": name, "error": f"{type(e).__name__}: {e}"}
+            print(name, "failed:", result["error"], flush=True)
+        merged = json.loads(args.out.read_text()) if args.out.exists() else {"results": []}
+        merged["results"] = [r for r in merged["results"] if r["model"] != name] + [result]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
