@@ -44,6 +44,9 @@ class SparseConfig:
             ``sigec.runtime.graphs``): tile lists get power-of-two capacities, one graph per
             combination, captured on first use; one host sync per edit; ``commit`` copies the
             edited tiles into the caches. Off CUDA the same static-shape path runs uncaptured.
+        cost_model: with ``cuda_graphs`` on CUDA, time each new capacity combination's sparse
+            graph against a graph of the dense model and run the faster one for every edit that
+            falls in it (large edits run dense; the caches are still updated sparsely).
     """
 
     mask_policy: str = "truncated"
@@ -57,6 +60,7 @@ class SparseConfig:
     norm_stats: str = "cached"
     tile_lists: str = "exact"
     cuda_graphs: bool = False
+    cost_model: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:

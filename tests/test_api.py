@@ -352,3 +352,27 @@ def test_static_shape_graph_path_gives_the_eager_result(name):
 def test_cuda_graphs_need_the_truncated_policy():
     with pytest.raises(ValueError, match="truncated"):
         sigec.SparseConfig(mask_policy="exact", cuda_graphs=True)
+
+
+def test_a_dense_edit_from_the_cost_model_commits_by_recording_again():
+    """When the cost model runs the dense model for an edit, the output is the dense model's, the
+    caches stay untouched, and commit records the edited input again (in place)."""
+    model, args, kwargs = _tiny("gaugan-tiny")
+    config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
+    engine = sigec.compile(model, args, kwargs, config=config)
+    engine.record(*args)
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    engine.edit(apply_edit(x, masks["blob"], seed=1), mask=masks["blob"])  # a sparse edit
+    runner = engine.slots["0"].graphs
+    runner.default_choice = "dense"  # what the cost model picks for large edits on a GPU
+    xe = apply_edit(x, masks["full"], seed=2)
+    torch.testing.assert_close(engine.edit(xe, mask=masks["full"]), _dense(model, (xe,), {}),
+                               rtol=0, atol=0)  # fmt: skip
+    assert engine.stats()["ran_dense"] and engine.edit_footprint() == [None]
+    engine.commit()
+    runner.default_choice = "sparse"
+    fresh = sigec.compile(model, (xe,), kwargs, config=config)
+    fresh.record(xe)
+    x2 = apply_edit(xe, masks["blob"], seed=3)
+    assert torch.equal(engine.edit(x2, mask=masks["blob"]), fresh.edit(x2, mask=masks["blob"]))

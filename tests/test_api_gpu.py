@@ -53,7 +53,8 @@ def test_cuda_graph_edits_match_eager_edits_and_replay(name):
     base = dict(MODELS[name].sige_config, norm_stats="incremental")
     eager = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base))
     graphed = sigec.compile(model, args, kwargs,
-                            config=sigec.SparseConfig(**base, cuda_graphs=True))  # fmt: skip
+                            config=sigec.SparseConfig(**base, cuda_graphs=True,
+                                                      cost_model=False))  # fmt: skip
     for e in (eager, graphed):
         e.record(*args, **kwargs)
     x = args[0]
@@ -62,10 +63,28 @@ def test_cuda_graph_edits_match_eager_edits_and_replay(name):
         xe = apply_edit(x.cpu().float(), masks[mask_name], seed=i).to(x)
         want = getattr(eager.edit(xe, *args[1:], **kwargs), "sample", None)
         got = getattr(graphed.edit(xe, *args[1:], **kwargs), "sample", None)
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # padded lists change the tile batch, and with it cuDNN's algorithm: fp16 rounding
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
         if mask_name == "full":
             eager.commit()
             graphed.commit()
             x = xe
     runner = graphed.slots["0"].graphs
     assert runner.captures < 5  # the repeated "blob" edits replay an existing graph
+
+
+def test_the_cost_model_picks_the_faster_graph_and_stays_correct():
+    model, args, kwargs = build_on("ddpm-tiny", "cuda", torch.float16)
+    config = sigec.SparseConfig(**MODELS["ddpm-tiny"].sige_config, cuda_graphs=True)
+    engine = sigec.compile(model, args, kwargs, config=config)
+    engine.record(*args, **kwargs)
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    for name in ("pixel", "full"):
+        xe = apply_edit(x.cpu().float(), masks[name], seed=1).to(x)
+        got = engine.edit(xe, *args[1:], **kwargs).sample
+        want = model(xe, *args[1:], **kwargs).sample
+        runner = engine.slots["0"].graphs
+        times = list(runner.timings.values())[-1]
+        assert engine.stats()["ran_dense"] == (times["dense"] < times["sparse"])
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

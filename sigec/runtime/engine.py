@@ -57,6 +57,21 @@ class SlotState(torch.nn.Module):
         self.register_buffer(f"work__{name}", value.detach().clone())
         self.map_names.append(name)
 
+    def set_map(self, name: str, value: torch.Tensor) -> None:
+        """Cache and working map of ``name`` := ``value`` (new buffers, or copied in place)."""
+        if not self.has_map(name):
+            self.add_map(name, value)
+            return
+        self.cache(name).copy_(value)
+        self.work(name).copy_(value)
+
+    def set_buffer(self, key: str, value: torch.Tensor) -> None:
+        """Buffer ``key`` := ``value`` (registered if new, copied in place otherwise)."""
+        if key in self._buffers:
+            self._buffers[key].copy_(value)
+        else:
+            self.register_buffer(key, value.detach().clone())
+
     def has_map(self, name: str) -> bool:
         return f"work__{name}" in self._buffers
 
@@ -181,6 +196,14 @@ class SparseEngine(torch.nn.Module):
             The model's output, in the model's own output type.
         """
         flat = self._flatten(args, kwargs)
+        state = SlotState()
+        outs = self._record_into(state, flat)
+        self.slots[str(slot)] = state
+        return pytree.tree_unflatten(list(outs), self.program.out_spec)
+
+    def _record_into(self, state: SlotState, flat: list) -> list:
+        """Run the record graph on ``flat`` and fill ``state``'s buffers: registered if new,
+        overwritten in place otherwise (CUDA graphs hold their addresses)."""
         prog = self.program
         keep = set(prog.maps) | set(prog.statics)
         for nf in prog.norms:
@@ -192,27 +215,25 @@ class SparseEngine(torch.nn.Module):
         for name, (layout, res) in prog.layouts.items():
             if name in values:  # a map kept in a token layout: the edit holds maps
                 values[name] = layout_to_map(values[name], layout, res)
-        state = SlotState()
         for name in prog.maps:
-            state.add_map(name, values[name])
+            state.set_map(name, values[name])
         for name in prog.statics:
-            state.register_buffer(f"static__{name}", values[name].detach().clone())
+            state.set_buffer(f"static__{name}", values[name])
         for nf in prog.norms:
             if nf.incremental:
                 xg = values[nf.input].reshape(*values[nf.input].shape[:1], nf.num_groups, -1)
                 xg = xg.double()
-                state.register_buffer(f"norm__{nf.name}__s1", xg.sum(-1))
-                state.register_buffer(f"norm__{nf.name}__s2", (xg * xg).sum(-1))
+                state.set_buffer(f"norm__{nf.name}__s1", xg.sum(-1))
+                state.set_buffer(f"norm__{nf.name}__s2", (xg * xg).sum(-1))
                 state.norm_inputs[nf.name] = nf.input
                 continue
             scale, shift = _fold_norm(nf, values)
-            state.register_buffer(f"norm__{nf.name}__scale", scale)
-            state.register_buffer(f"norm__{nf.name}__shift", shift)
+            state.set_buffer(f"norm__{nf.name}__scale", scale)
+            state.set_buffer(f"norm__{nf.name}__shift", shift)
         for i, kind in enumerate(prog.input_kinds):
             if kind != "const":
-                state.register_buffer(f"input__{i}", flat[i].detach().clone())
-        self.slots[str(slot)] = state
-        return pytree.tree_unflatten(list(outs), prog.out_spec)
+                state.set_buffer(f"input__{i}", flat[i])
+        return list(outs)
 
     @torch.no_grad()
     def edit(self, *args, slot=0, mask=None, **kwargs):
@@ -263,7 +284,11 @@ class SparseEngine(torch.nn.Module):
         state = self._slot(slot)
         if state.pending_inputs is None:
             return
-        if state.graphs is not None:
+        if state.graphs is not None and state.graphs.ran_dense:
+            # the last edit ran the dense model: record its inputs again, in place
+            self._record_into(state, state.graphs.static_inputs)
+            state.graphs.forget_dirty()
+        elif state.graphs is not None:
             state.graphs.commit()  # graphs hold buffer addresses: copy, never swap
         else:
             state.swap()
@@ -309,6 +334,8 @@ class SparseEngine(torch.nn.Module):
         if state.last_tiles is None:
             raise NotRecordedError(f"slot {slot!r} has no edit yet: call engine.edit(...) first")
         out_node = next(n for n in reversed(self.edit_gm.graph.nodes) if n.op == "output")
+        if state.graphs is not None and state.graphs.ran_dense:  # the dense model ran
+            return [None] * len(pytree.tree_leaves(out_node.args[0]))
         result = []
         for arg in pytree.tree_leaves(out_node.args[0]):
             name = arg.kwargs.get("name") if isinstance(arg, torch.fx.Node) else None
@@ -341,6 +368,7 @@ class SparseEngine(torch.nn.Module):
         state = self.slots[str(slot)] if str(slot) in self.slots else None
         tiles = state.last_tiles if state is not None else None
         dense = sum(e.dense for e in prog.macs)
+        ran_dense = state is not None and state.graphs is not None and state.graphs.ran_dense
         sparse = None
         frac: dict[str, list[float]] = {}
         by_res: dict[str, list[int]] = {}  # "HxW" (or "tokens") -> [dense, executed]
@@ -367,7 +395,10 @@ class SparseEngine(torch.nn.Module):
                     row = table.setdefault(k, [0, 0])
                     row[0] += e.dense
                     row[1] += done
+        if ran_dense:  # the cost model ran the dense model for this edit
+            sparse = dense
         return {
+            "ran_dense": ran_dense,
             "dense_macs": dense,
             "sparse_macs": sparse,
             "macs_ratio": (dense / sparse) if sparse else None,

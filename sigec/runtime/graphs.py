@@ -10,10 +10,14 @@ edit's tiles -> the edit graph) is one replay:
    rows of a list write nowhere (``num_active``);
 3. the tuple of capacities selects a graph; a new tuple is captured once (after an eager warm-up
    run, which is itself a correct edit), and replayed for every later edit that falls in it;
-4. which tiles each map's op wrote is kept in fixed-size device buffers (the whole tile grid), so
-   the next replay restores exactly those tiles, whatever bucket the previous edit used;
-5. ``commit`` copies the dirty tiles from the working maps into the caches (O(active)); buffers
-   never swap, since graphs hold their addresses.
+4. which tiles each map's op wrote is kept in fixed-size device buffers (the whole tile grid);
+   the host knows the previous edit's capacities, so the next replay restores exactly that many
+   rows (they are part of the graph's key);
+5. cost model: the first time a key is seen on CUDA, its sparse graph and a graph of the dense
+   model are both timed; the faster one serves every edit with that key (large edits run dense);
+6. ``commit`` copies the dirty tiles from the working maps into the caches (O(active)); buffers
+   never swap, since graphs hold their addresses. After a dense edit, commit records again in
+   place.
 
 Off CUDA the same static-shape path runs without capture (what the CPU tests exercise).
 """
@@ -26,6 +30,10 @@ import torch
 
 from sigec.kernels import restore
 from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts
+
+
+def entry_key(entry: _Entry) -> tuple:
+    return tuple(sorted(entry.capacities.items()))
 
 
 def bucket(count: int, grid: int) -> int:
@@ -72,19 +80,28 @@ class GraphedEdits:
         self.last: _Entry | None = None
         self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         self.captures = 0
+        self.record_gm = engine.record_gm
+        self.prev = {n: 0 for n in self.maps}  # rows each map's previous edit dirtied
+        self.choice: dict[tuple, str] = {}  # graph key -> "sparse" or "dense" (cost model)
+        self.default_choice = "sparse"  # for keys the cost model has not measured
+        self.timings: dict[tuple, dict] = {}  # capacities -> measured ms of both
+        self.dense: _Entry | None = None
+        self.ran_dense = False
 
     # -- one edit ------------------------------------------------------------------------------
 
-    def _body(self, caps: dict) -> tuple[list, TileTable]:
+    def _body(self, caps: dict, restore_caps: dict) -> tuple[list, TileTable]:
         prog, state = self.program, self.state
         masks = edit_masks(prog, self.static_mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
         tiles = TileTable(prog, masks, capacities=caps)
-        for name in self.maps:  # undo the previous edit, whatever its buckets were
-            corners, count = self.dirty[name]
-            th, tw = prog.tile_requests[prog.map_tiles[name]].tile
-            restore(state.work(name), state.cache(name), corners, th, tw, count,
-                    check_values=False)  # fmt: skip
+        for name in self.maps:  # undo the previous edit: as many rows as it had
+            rows = restore_caps[name]
+            if rows:
+                corners, count = self.dirty[name]
+                th, tw = prog.tile_requests[prog.map_tiles[name]].tile
+                restore(state.work(name), state.cache(name), corners[:rows], th, tw, count,
+                        check_values=False)  # fmt: skip
         state.written, state.pending_norm_sums = {}, {}
         outs = list(self.edit_gm(state, tiles, *self.static_inputs))
         for name in self.maps:
@@ -110,44 +127,103 @@ class GraphedEdits:
                            self.config.mask_level_dilation)  # fmt: skip
         counts = tile_counts(self.program, masks, self.keys).tolist()  # the one host sync
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
-        key = tuple(caps[k] for k in self.keys)
+        restore_caps = dict(self.prev)
+        key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[n] for n in self.maps))
         entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._capture(caps)
+        if entry is None:  # capture (the capture's replay is this edit's sparse run)
+            entry = self.entries[key] = self._capture(caps, restore_caps)
+            if self.pool is not None and self.config.cost_model:
+                self.choice[key] = self._measure(entry)
+            sparse_ran = True
+        elif self.choice.get(key, self.default_choice) == "dense":
+            sparse_ran = False
         elif entry.graph is not None:
             entry.graph.replay()
+            sparse_ran = True
         else:
-            entry.outs, entry.tiles = self._body(caps)
+            entry.outs, entry.tiles = self._body(caps, restore_caps)
             entry.pending_norm_sums = dict(self.state.pending_norm_sums)
-        self.last = entry
-        self.state.last_tiles = entry.tiles
+            sparse_ran = True
+        if sparse_ran:
+            self.prev = {n: caps[self.program.map_tiles[n]] for n in self.maps}
+            self.last = entry
+            self.state.last_tiles = entry.tiles
+        self.ran_dense = self.choice.get(key, self.default_choice) == "dense"
+        if self.ran_dense:  # faster than sparse for this size: the caches are left alone
+            return self._run_dense()
         return entry.outs
 
-    def _capture(self, caps: dict) -> _Entry:
+    def _run_dense(self) -> list:
+        if self.dense is not None and self.dense.graph is not None:
+            self.dense.graph.replay()
+            return self.dense.outs
+        return list(self.record_gm(*self.static_inputs))
+
+    def _capture(self, caps: dict, restore_caps: dict) -> _Entry:
         entry = _Entry(None, caps)
         if self.pool is None:
-            entry.outs, entry.tiles = self._body(caps)
+            entry.outs, entry.tiles = self._body(caps, restore_caps)
             entry.pending_norm_sums = dict(self.state.pending_norm_sums)
             return entry
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: compiles kernels, sets up library handles
-            self._body(caps)
-        torch.cuda.current_stream().wait_stream(side)
+        self._warm_up(lambda: self._body(caps, restore_caps))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            entry.outs, entry.tiles = self._body(caps)
+            entry.outs, entry.tiles = self._body(caps, restore_caps)
         entry.pending_norm_sums = dict(self.state.pending_norm_sums)
         entry.graph = graph
         graph.replay()  # capture records without running: this is the edit's real run
         self.captures += 1
         return entry
 
+    @staticmethod
+    def _warm_up(fn) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compiles kernels, sets up library handles
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _measure(self, entry: _Entry) -> str:
+        """Time the sparse graph of ``entry`` against the dense model's graph: the faster wins.
+
+        Replaying the sparse graph again is harmless (it restores, then recomputes the same
+        edit); the dense graph touches no cache.
+        """
+        if self.dense is None:
+            gm, inputs = self.record_gm, self.static_inputs
+            self._warm_up(lambda: gm(*inputs))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outs = list(gm(*inputs))
+            self.dense = _Entry(graph, {}, outs)
+        times = {}
+        for name, graph in (("sparse", entry.graph), ("dense", self.dense.graph)):
+            best = float("inf")
+            for _ in range(3):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                best = min(best, start.elapsed_time(end))
+            times[name] = best
+        self.timings[entry_key(entry)] = times
+        return "dense" if times["dense"] < times["sparse"] else "sparse"
+
     # -- commit --------------------------------------------------------------------------------
+
+    def forget_dirty(self) -> None:
+        """The working maps equal the caches everywhere (after recording again in place)."""
+        self.prev = {n: 0 for n in self.maps}
+        for _, count in self.dirty.values():
+            count.zero_()
+        self.ran_dense = False
 
     def commit(self) -> None:
         """The last edit becomes the original: copy its dirty tiles into the caches."""
         state, prog = self.state, self.program
+        self.prev = {n: 0 for n in self.maps}
         for name in self.maps:
             corners, count = self.dirty[name]
             th, tw = prog.tile_requests[prog.map_tiles[name]].tile

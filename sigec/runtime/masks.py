@@ -212,16 +212,26 @@ def active_tiles(
             f"active_tiles: kernel {kh}x{kw}, stride {sh}x{sw}, tile {bh}x{bw} must be >= 1 and "
             f"padding {ph}x{pw} >= 0"
         )
-    grid = tile_grid(mask, (bh, bw))
+    idx, count = tile_indices(mask, (bh, bw), capacity)
+    return tiles_at(idx, count, (kh, kw), (sh, sw), (ph, pw), (bh, bw))
+
+
+def tile_indices(mask: torch.Tensor, tile, capacity: int | None = None):
+    """``(idx, count)``: int32 ``[M, 2]`` grid coordinates of the active tiles in raster order and
+    the device-side count (None for exact lists; with ``capacity`` the rows past it are padding)."""
+    grid = tile_grid(mask, tile)
     gw = grid.shape[1]
     if capacity is None:
-        idx = grid.nonzero().to(torch.int32)  # [M, 2] (host sync: M is data-dependent)
-        count = None
-    else:
-        flat = torch.nonzero_static(grid.flatten(), size=capacity, fill_value=-1)[:, 0]
-        count = (flat >= 0).sum().to(torch.int32).reshape(1)
-        flat = flat.clamp_min(0)
-        idx = torch.stack([flat // gw, flat % gw], dim=1).to(torch.int32)
+        return grid.nonzero().to(torch.int32), None  # host sync: M is data-dependent
+    flat = torch.nonzero_static(grid.flatten(), size=capacity, fill_value=-1)[:, 0]
+    count = (flat >= 0).sum().to(torch.int32).reshape(1)
+    flat = flat.clamp_min(0)
+    return torch.stack([flat // gw, flat % gw], dim=1).to(torch.int32), count
+
+
+def tiles_at(idx, count, kernel, stride, padding, tile) -> TileSet:
+    """The ``TileSet`` of a conv geometry for the tiles at grid coordinates ``idx``."""
+    (kh, kw), (sh, sw), (ph, pw), (bh, bw) = kernel, stride, padding, tile
     # python scalars only: a host-made tensor copied to the GPU would be a sync
     oy, ox = idx[:, 0] * bh, idx[:, 1] * bw
     out_corners = torch.stack([oy, ox], dim=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sigec.runtime.masks import TileSet, active_tiles, mask_pyramid, tile_grid
+from sigec.runtime.masks import TileSet, mask_pyramid, tile_grid, tile_indices, tiles_at
 from sigec.runtime.program import MaskRule, Program, TileRequest
 
 
@@ -71,6 +71,7 @@ class TileTable:
         self.pad_to_grid = pad_to_grid
         self.capacities = capacities  # fixed list sizes per key (CUDA graphs' buckets)
         self._sets: dict[str, TileSet] = {}
+        self._indices: dict[tuple, tuple] = {}
 
     def __getitem__(self, key: str) -> TileSet:
         ts = self._sets.get(key)
@@ -85,7 +86,13 @@ class TileTable:
             capacity = self.capacities[key]
         elif self.pad_to_grid:  # the whole grid: a size that does not depend on the mask
             capacity = grid_size(req, mask.shape[-2:])
-        ts = active_tiles(mask, req.kernel, req.stride, req.padding, req.tile, capacity=capacity)
+        # lists of one mask and tile size share their grid coordinates (convs differ only in
+        # their input corners)
+        ikey = (req.mask, req.tile, capacity)
+        if ikey not in self._indices:
+            self._indices[ikey] = tile_indices(mask, req.tile, capacity)
+        idx, count = self._indices[ikey]
+        ts = tiles_at(idx, count, req.kernel, req.stride, req.padding, req.tile)
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
             f = req.in_scale
             ts = TileSet(ts.out_corners, ts.out_corners // f, ts.out_tile,
