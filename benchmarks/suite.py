@@ -69,9 +69,10 @@ def profile_call(fn) -> dict:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_class = collections.Counter()
+    by_class, by_name = collections.Counter(), collections.Counter()
     for e in kernels:
         by_class[op_class(e.name)] += e.device_time / 1e3
+        by_name[e.name[:80]] += e.device_time / 1e3
     syncs = sum(o.count for o in prof.key_averages()
                 if o.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))  # fmt: skip
     return {
@@ -80,6 +81,7 @@ def profile_call(fn) -> dict:
         "wall_ms_profiled": round(wall, 3),
         "host_syncs": syncs,
         "ms_by_op_class": {k: round(v, 3) for k, v in by_class.most_common()},
+        "top_kernels_ms": {k: round(v, 3) for k, v in by_name.most_common(15)},
     }
 
 
@@ -113,21 +115,25 @@ def run_model(name: str, args) -> dict:
             x_edit = torch.where(mask, new, x)
             edits.append((fraction, mask, x_edit, _sample(model(x_edit, *rest, **kwargs))))
 
-        variants = [("sigec-graphs", dtype, True)]
+        variants = [("sigec-graphs", dtype, True, args.channels_last)]
         if args.eager:
-            variants.insert(0, ("sigec-eager", dtype, False))
+            variants.insert(0, ("sigec-eager", dtype, False, args.channels_last))
+        if args.layout_ab:  # the other memory format too
+            variants.append(("sigec-graphs-" + ("nchw" if args.channels_last else "nhwc"), dtype,
+                             True, not args.channels_last))  # fmt: skip
         if args.bf16:
-            variants.append(("sigec-graphs-bf16", torch.bfloat16, True))
-        for vname, vdtype, graphs in variants:
+            variants.append(("sigec-graphs-bf16", torch.bfloat16, True, args.channels_last))
+        for vname, vdtype, graphs, cl in variants:
             m, vin, vkw = (model, inputs, kwargs) if vdtype == dtype else build_on(
                 name, device, vdtype)  # fmt: skip
             config = sigec.SparseConfig(cuda_graphs=graphs, norm_stats=args.norm_stats,
-                                        **MODELS[name].sige_config)  # fmt: skip
+                                        channels_last=cl, **MODELS[name].sige_config)  # fmt: skip
             t0 = time.perf_counter()
             engine = sigec.compile(m, vin, vkw, config=config)
             compile_s = time.perf_counter() - t0
             engine.record(*vin, **vkw)
-            v = {"compile_s": round(compile_s, 1), "norm_stats": args.norm_stats, "rows": []}
+            v = {"compile_s": round(compile_s, 1), "norm_stats": args.norm_stats,
+                 "channels_last": cl, "rows": []}  # fmt: skip
             vrest = vin[1:]
             for fraction, mask, x_edit, want in edits:
                 xe = x_edit.to(vdtype)
@@ -177,6 +183,8 @@ def main() -> None:
     p.add_argument("--norm-stats", default="cached", choices=["cached", "incremental"])
     p.add_argument("--bf16", action="store_true", help="also run sigec in bf16")
     p.add_argument("--eager", action="store_true", help="also run sigec without CUDA graphs")
+    p.add_argument("--channels-last", action="store_true", help="channels-last maps")
+    p.add_argument("--layout-ab", action="store_true", help="also run the other memory format")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
     args = p.parse_args()

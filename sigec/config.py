@@ -46,7 +46,12 @@ class SparseConfig:
             edited tiles into the caches. Off CUDA the same static-shape path runs uncaptured.
         cost_model: with ``cuda_graphs`` on CUDA, time each new capacity combination's sparse
             graph against a graph of the dense model and run the faster one for every edit that
-            falls in it (large edits run dense; the caches are still updated sparsely).
+            falls in it (large edits run dense: the caches are left alone and ``commit`` records
+            the edited input again).
+        dense_backend: how that dense path runs on CUDA: "inductor" (``torch.compile`` of the
+            captured graph, compiled on the first measured edit) or "eager".
+        channels_last: keep every cached and working map in channels-last memory format (cuDNN's
+            native fp16 layout: the convolutions on tiles need no layout conversion).
     """
 
     mask_policy: str = "truncated"
@@ -61,6 +66,8 @@ class SparseConfig:
     tile_lists: str = "exact"
     cuda_graphs: bool = False
     cost_model: bool = True
+    dense_backend: str = "inductor"
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -73,6 +80,10 @@ class SparseConfig:
             raise ValueError(
                 "cuda_graphs needs mask_policy='truncated' (the exact policy's masks depend on "
                 "data the host must read)"
+            )
+        if self.dense_backend not in ("inductor", "eager"):
+            raise ValueError(
+                f"dense_backend: expected 'inductor' or 'eager', got {self.dense_backend!r}"
             )
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")

@@ -376,3 +376,20 @@ def test_a_dense_edit_from_the_cost_model_commits_by_recording_again():
     fresh.record(xe)
     x2 = apply_edit(xe, masks["blob"], seed=3)
     assert torch.equal(engine.edit(x2, mask=masks["blob"]), fresh.edit(x2, mask=masks["blob"]))
+
+
+def test_channels_last_maps_give_the_same_edit():
+    model, args, kwargs = _tiny("sd15-unet-tiny")
+    base = dict(block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
+    plain = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base))
+    cl = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base, channels_last=True))
+    for e in (plain, cl):
+        e.record(*args, **kwargs)
+    maps = [b for n, b in cl.slots["0"].named_buffers() if n.startswith("work__")]
+    assert all(b.is_contiguous(memory_format=torch.channels_last) for b in maps)
+    x = args[0]
+    mask = edit_masks(*x.shape[-2:])["blob"]
+    xe = apply_edit(x, mask, seed=1)
+    want = _sample(plain.edit(xe, *args[1:], mask=mask, **kwargs))
+    got = _sample(cl.edit(xe, *args[1:], mask=mask, **kwargs))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

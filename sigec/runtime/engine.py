@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 
 from sigec.errors import InputMismatchError, MaskError, NotRecordedError, StaleCacheError
 from sigec.kernels import restore
+from sigec.runtime import ops
 from sigec.runtime.graphs import GraphedEdits
 from sigec.runtime.inputs import flatten_call
 from sigec.runtime.masks import TileSet, difference_mask, dilate
@@ -132,10 +133,30 @@ class SparseEngine(torch.nn.Module):
         self._set_program(program)
         self.slots = torch.nn.ModuleDict()
 
+    def dense_callable(self):
+        """The dense model as the cost model runs it: the captured graph, compiled by inductor
+        on CUDA when ``config.dense_backend == "inductor"`` (compiled once, on first use)."""
+        if self._dense_fn is None:
+            fn = self.record_gm
+            on_cuda = self.program.example_meta[self.program.input_kinds.index("spatial")][2]
+            if self.config.dense_backend == "inductor" and torch.device(on_cuda).type == "cuda":
+                fn = torch.compile(self.record_gm)
+            self._dense_fn = fn
+        return self._dense_fn
+
     def _set_program(self, program: Program) -> None:
+        self._dense_fn = None
         self.program = program
         self.record_gm = program.record_gm
         self.edit_gm = program.edit_gm
+        if self.config.channels_last:  # conv weights in cuDNN's layout too (same values)
+            for node in self.edit_gm.graph.nodes:
+                w = node.args[3] if node.target is ops.sparse_conv2d else None
+                if isinstance(w, torch.fx.Node) and w.op == "get_attr":
+                    p = self.edit_gm.get_parameter(w.target) if hasattr(
+                        self.edit_gm, "get_parameter") else None  # fmt: skip
+                    if p is not None and p.dim() == 4:
+                        p.data = p.data.contiguous(memory_format=torch.channels_last)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -216,7 +237,10 @@ class SparseEngine(torch.nn.Module):
             if name in values:  # a map kept in a token layout: the edit holds maps
                 values[name] = layout_to_map(values[name], layout, res)
         for name in prog.maps:
-            state.set_map(name, values[name])
+            value = values[name]
+            if self.config.channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+            state.set_map(name, value)
         for name in prog.statics:
             state.set_buffer(f"static__{name}", values[name])
         for nf in prog.norms:

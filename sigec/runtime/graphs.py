@@ -86,6 +86,8 @@ class GraphedEdits:
         self.default_choice = "sparse"  # for keys the cost model has not measured
         self.timings: dict[tuple, dict] = {}  # capacities -> measured ms of both
         self.dense: _Entry | None = None
+        self.count_graph, self.count_out = None, None
+        self.dense_fn = engine.dense_callable()  # what the cost model's dense path runs
         self.ran_dense = False
 
     # -- one edit ------------------------------------------------------------------------------
@@ -123,9 +125,7 @@ class GraphedEdits:
             if isinstance(buf, torch.Tensor):
                 buf.copy_(v)
         self.static_mask.copy_(edit_mask.reshape(self.static_mask.shape))
-        masks = edit_masks(self.program, self.static_mask, self.config.mask_threshold,
-                           self.config.mask_level_dilation)  # fmt: skip
-        counts = tile_counts(self.program, masks, self.keys).tolist()  # the one host sync
+        counts = self._counts().tolist()  # the one host sync
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
         restore_caps = dict(self.prev)
         key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[n] for n in self.maps))
@@ -157,7 +157,25 @@ class GraphedEdits:
         if self.dense is not None and self.dense.graph is not None:
             self.dense.graph.replay()
             return self.dense.outs
-        return list(self.record_gm(*self.static_inputs))
+        return list(self.dense_fn(*self.static_inputs))
+
+    def _count_body(self) -> torch.Tensor:
+        masks = edit_masks(self.program, self.static_mask, self.config.mask_threshold,
+                           self.config.mask_level_dilation)  # fmt: skip
+        return tile_counts(self.program, masks, self.keys)
+
+    def _counts(self) -> torch.Tensor:
+        """Active tiles per list, from a small graph of its own on CUDA (one replay)."""
+        if self.pool is None:
+            return self._count_body()
+        if self.count_graph is None:
+            self._warm_up(self._count_body)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.count_out = self._count_body()
+            self.count_graph = graph
+        self.count_graph.replay()
+        return self.count_out
 
     def _capture(self, caps: dict, restore_caps: dict) -> _Entry:
         entry = _Entry(None, caps)
@@ -190,7 +208,7 @@ class GraphedEdits:
         edit); the dense graph touches no cache.
         """
         if self.dense is None:
-            gm, inputs = self.record_gm, self.static_inputs
+            gm, inputs = self.dense_fn, self.static_inputs
             self._warm_up(lambda: gm(*inputs))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
