@@ -162,6 +162,12 @@ def run_model(name: str, args) -> dict:
                 row["speedup_vs_compiled"] = round(out["dense_compiled_ms"] / row["edit_ms"], 2)
                 if fraction == args.fractions[0]:
                     row["profile"] = profile_call(fn)
+                    runner = engine.slots["0"].graphs
+                    if st["ran_dense"] and runner is not None:  # the sparse graph's breakdown
+                        saved = dict(runner.choice)
+                        runner.choice = {k: "sparse" for k in saved}
+                        row["profile_sparse"] = profile_call(fn)
+                        runner.choice = saved
                 v["rows"].append(row)
                 print(name, vname, {k: r for k, r in row.items() if k != "profile"}, flush=True)
             v["cache_bytes"] = st["cache_bytes"]

@@ -51,7 +51,8 @@ class SparseConfig:
         dense_backend: how that dense path runs on CUDA: "inductor" (``torch.compile`` of the
             captured graph, compiled on the first measured edit) or "eager".
         channels_last: keep every cached and working map in channels-last memory format (cuDNN's
-            native fp16 layout: the convolutions on tiles need no layout conversion).
+            native fp16 layout: the convolutions on tiles need no layout conversion; measured
+            1.2-2.4x faster sparse edits on an H200, docs/results.md).
     """
 
     mask_policy: str = "truncated"
@@ -67,7 +68,7 @@ class SparseConfig:
     cuda_graphs: bool = False
     cost_model: bool = True
     dense_backend: str = "inductor"
-    channels_last: bool = False
+    channels_last: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:

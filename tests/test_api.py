@@ -86,7 +86,8 @@ def truncated_engine(request):
 
 def test_record_returns_the_dense_output(truncated_engine):
     model, args, kwargs, engine, y0 = truncated_engine
-    torch.testing.assert_close(y0, _dense(model, args, kwargs), rtol=1e-5, atol=1e-6)
+    # (channels-last weights: the same sums in another order)
+    torch.testing.assert_close(y0, _dense(model, args, kwargs), rtol=1e-4, atol=1e-5)
 
 
 def test_truncated_no_change_edit_returns_the_record_exactly(truncated_engine):

@@ -153,10 +153,11 @@ class SparseEngine(torch.nn.Module):
             for node in self.edit_gm.graph.nodes:
                 w = node.args[3] if node.target is ops.sparse_conv2d else None
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-                    p = self.edit_gm.get_parameter(w.target) if hasattr(
-                        self.edit_gm, "get_parameter") else None  # fmt: skip
-                    if p is not None and p.dim() == 4:
-                        p.data = p.data.contiguous(memory_format=torch.channels_last)
+                    t = self.edit_gm
+                    for part in w.target.split("."):  # a parameter or a folded-constant buffer
+                        t = getattr(t, part)
+                    if isinstance(t, torch.Tensor) and t.dim() == 4:
+                        t.data = t.data.contiguous(memory_format=torch.channels_last)
 
     # -- inputs --------------------------------------------------------------------------------
 

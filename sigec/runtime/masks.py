@@ -231,13 +231,22 @@ def tile_indices(mask: torch.Tensor, tile, capacity: int | None = None):
 
 def tiles_at(idx, count, kernel, stride, padding, tile) -> TileSet:
     """The ``TileSet`` of a conv geometry for the tiles at grid coordinates ``idx``."""
-    (kh, kw), (sh, sw), (ph, pw), (bh, bw) = kernel, stride, padding, tile
-    # python scalars only: a host-made tensor copied to the GPU would be a sync
-    oy, ox = idx[:, 0] * bh, idx[:, 1] * bw
-    out_corners = torch.stack([oy, ox], dim=1)
-    in_corners = torch.stack([oy * sh - ph, ox * sw - pw], dim=1)
-    in_tile = ((bh - 1) * sh + kh, (bw - 1) * sw + kw)
-    return TileSet(out_corners.contiguous(), in_corners.contiguous(), (bh, bw), in_tile, count)
+    (kh, kw), (bh, bw) = kernel, tile
+    out_corners = idx * bh if bh == bw else torch.stack([idx[:, 0] * bh, idx[:, 1] * bw], dim=1)
+    in_tile = ((bh - 1) * stride[0] + kh, (bw - 1) * stride[1] + kw)
+    return TileSet(out_corners, in_corners_of(out_corners, stride, padding), (bh, bw), in_tile,
+                   count)  # fmt: skip
+
+
+def in_corners_of(out_corners: torch.Tensor, stride, padding) -> torch.Tensor:
+    """``out * stride - padding`` per axis, in as few kernels as the geometry allows (python
+    scalars only: a host-made tensor copied to the GPU would be a sync)."""
+    (sh, sw), (ph, pw) = stride, padding
+    if (sh, sw) == (1, 1) and (ph, pw) == (0, 0):
+        return out_corners
+    if sh == sw and ph == pw:
+        return out_corners - ph if sh == 1 else out_corners * sh - ph
+    return torch.stack([out_corners[:, 0] * sh - ph, out_corners[:, 1] * sw - pw], dim=1)
 
 
 def blob_mask(

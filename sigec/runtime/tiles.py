@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sigec.runtime.masks import TileSet, mask_pyramid, tile_grid, tile_indices, tiles_at
+from sigec.runtime.masks import (
+    TileSet,
+    in_corners_of,
+    mask_pyramid,
+    tile_grid,
+    tile_indices,
+    tiles_at,
+)
 from sigec.runtime.program import MaskRule, Program, TileRequest
 
 
@@ -90,9 +97,14 @@ class TileTable:
         # their input corners)
         ikey = (req.mask, req.tile, capacity)
         if ikey not in self._indices:
-            self._indices[ikey] = tile_indices(mask, req.tile, capacity)
-        idx, count = self._indices[ikey]
-        ts = tiles_at(idx, count, req.kernel, req.stride, req.padding, req.tile)
+            idx, count = tile_indices(mask, req.tile, capacity)
+            self._indices[ikey] = tiles_at(idx, count, (1, 1), (1, 1), (0, 0), req.tile)
+        base = self._indices[ikey]  # out corners are shared; in corners follow the geometry
+        th, tw = req.tile
+        in_tile = ((th - 1) * req.stride[0] + req.kernel[0], (tw - 1) * req.stride[1]
+                   + req.kernel[1])  # fmt: skip
+        ts = TileSet(base.out_corners, in_corners_of(base.out_corners, req.stride, req.padding),
+                     req.tile, in_tile, base.num_active)  # fmt: skip
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
             f = req.in_scale
             ts = TileSet(ts.out_corners, ts.out_corners // f, ts.out_tile,
