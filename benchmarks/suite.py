@@ -189,7 +189,8 @@ def main() -> None:
     p.add_argument("--norm-stats", default="cached", choices=["cached", "incremental"])
     p.add_argument("--bf16", action="store_true", help="also run sigec in bf16")
     p.add_argument("--eager", action="store_true", help="also run sigec without CUDA graphs")
-    p.add_argument("--channels-last", action="store_true", help="channels-last maps")
+    p.add_argument("--nchw", dest="channels_last", action="store_false",
+                   help="NCHW maps (default: channels-last, SparseConfig's default)")  # fmt: skip
     p.add_argument("--layout-ab", action="store_true", help="also run the other memory format")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
