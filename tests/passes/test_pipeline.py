@@ -15,7 +15,7 @@ from sigec.passes.pipeline import PIPELINE, build_program
 from sigec.passes.summary import SUMMARY_MODELS, summary_of
 from sigec.runtime.engine import SparseEngine
 from tests.masks_for_tests import apply_edit, edit_masks
-from tests.nets import ConvNet, GroupNormNet, init_bn
+from tests.nets import ConvNet, GroupNormNet, TokenNet, init_bn
 
 EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
 TRUNC = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
@@ -26,11 +26,13 @@ def _engine(model, args, config, passes=PIPELINE):
 
 
 @pytest.mark.parametrize("k", range(1, len(PIPELINE) + 1), ids=[p.__name__ for p in PIPELINE])
-@pytest.mark.parametrize("net", ["convnet", "groupnorm"])
+@pytest.mark.parametrize("net", ["convnet", "groupnorm", "transformer"])
 def test_every_pipeline_prefix_computes_the_dense_result(net, k):
     torch.manual_seed(0)
     if net == "convnet":
         model, args = init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),)
+    elif net == "transformer":
+        model, args = TokenNet().eval(), (torch.randn(2, 3, 8, 8),)
     else:
         model, args = GroupNormNet().eval(), (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
     engine = _engine(model, args, EXACT, PIPELINE[:k])

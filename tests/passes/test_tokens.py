@@ -153,3 +153,23 @@ def test_cross_attention_keys_and_values_are_cached_at_record():
     # the edit graph never reads the prompt embedding itself
     edit_text = next(n for n in engine.edit_gm.graph.nodes if n.name == "encoder_hidden_states")
     assert not edit_text.users
+
+
+def test_a_transformer_block_needs_few_working_maps():
+    """GEGLU's projection feeds two halves that meet again: the whole feed-forward (and the
+    attention's output projection with its residual) runs as one expression each, so only a
+    handful of token maps get working maps."""
+    torch.manual_seed(0)
+    model, x = TokenNet().eval(), torch.randn(1, 3, 8, 8)
+    engine = sigec.compile(model, (x,), config=FULL)
+    prog = engine.program
+    assert prog.counters["tile_ops_inlined"] >= 6
+    ff_in = next(
+        n.name
+        for n in prog.record_gm.graph.nodes
+        if n.target == torch.ops.aten.linear.default and n.meta["val"].shape[-1] == 32
+    )
+    assert ff_in not in prog.maps  # inlined into the feed-forward's expression
+    token_maps = [name for name in prog.maps if name in prog.layouts]
+    # LayerNorm (3 users), q, k, v, attention, out+residual, ff+residual
+    assert len(token_maps) <= 7, token_maps
