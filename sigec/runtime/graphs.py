@@ -69,11 +69,14 @@ class GraphedEdits:
                      for k in self.keys}  # fmt: skip
         dev = next(iter(state.buffers())).device
         self.maps = [n for n in prog.map_tiles if n in prog.maps]
-        self.dirty = {}
-        for name in self.maps:
-            g = self.grid[prog.map_tiles[name]]
-            self.dirty[name] = (torch.zeros(g, 2, dtype=torch.int32, device=dev),
-                                torch.zeros(1, dtype=torch.int32, device=dev))  # fmt: skip
+        # maps written through the same tile list share one dirty list (one copy per list)
+        self.map_key = {n: prog.map_tiles[n] for n in self.maps}
+        self.dirty_keys = sorted(set(self.map_key.values()))
+        self.dirty = {
+            k: (torch.zeros(self.grid[k], 2, dtype=torch.int32, device=dev),
+                torch.zeros(1, dtype=torch.int32, device=dev))
+            for k in self.dirty_keys
+        }  # fmt: skip
         self.static_mask = torch.zeros(1, *prog.input_resolution, dtype=torch.bool, device=dev)
         self.static_inputs: list | None = None
         self.entries: dict[tuple, _Entry] = {}
@@ -81,7 +84,7 @@ class GraphedEdits:
         self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         self.captures = 0
         self.record_gm = engine.record_gm
-        self.prev = {n: 0 for n in self.maps}  # rows each map's previous edit dirtied
+        self.prev = {k: 0 for k in self.dirty_keys}  # rows the previous edit dirtied, per list
         self.choice: dict[tuple, str] = {}  # graph key -> "sparse" or "dense" (cost model)
         self.default_choice = "sparse"  # for keys the cost model has not measured
         self.timings: dict[tuple, dict] = {}  # capacities -> measured ms of both
@@ -98,17 +101,17 @@ class GraphedEdits:
                            self.config.mask_level_dilation)  # fmt: skip
         tiles = TileTable(prog, masks, capacities=caps)
         for name in self.maps:  # undo the previous edit: as many rows as it had
-            rows = restore_caps[name]
+            key = self.map_key[name]
+            rows = restore_caps[key]
             if rows:
-                corners, count = self.dirty[name]
-                th, tw = prog.tile_requests[prog.map_tiles[name]].tile
+                corners, count = self.dirty[key]
+                th, tw = prog.tile_requests[key].tile
                 restore(state.work(name), state.cache(name), corners[:rows], th, tw, count,
                         check_values=False)  # fmt: skip
         state.written, state.pending_norm_sums = {}, {}
         outs = list(self.edit_gm(state, tiles, *self.static_inputs))
-        for name in self.maps:
-            corners, count = self.dirty[name]
-            key = prog.map_tiles[name]
+        for key in self.dirty_keys:
+            corners, count = self.dirty[key]
             if key in tiles.used():
                 ts = tiles[key]
                 corners[: ts.capacity].copy_(ts.out_corners)
@@ -128,7 +131,7 @@ class GraphedEdits:
         counts = self._counts().tolist()  # the one host sync
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
         restore_caps = dict(self.prev)
-        key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[n] for n in self.maps))
+        key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))
         entry = self.entries.get(key)
         if entry is None:  # capture (the capture's replay is this edit's sparse run)
             entry = self.entries[key] = self._capture(caps, restore_caps)
@@ -145,7 +148,7 @@ class GraphedEdits:
             entry.pending_norm_sums = dict(self.state.pending_norm_sums)
             sparse_ran = True
         if sparse_ran:
-            self.prev = {n: caps[self.program.map_tiles[n]] for n in self.maps}
+            self.prev = {k: caps[k] for k in self.dirty_keys}
             self.last = entry
             self.state.last_tiles = entry.tiles
         self.ran_dense = self.choice.get(key, self.default_choice) == "dense"
@@ -233,7 +236,7 @@ class GraphedEdits:
 
     def forget_dirty(self) -> None:
         """The working maps equal the caches everywhere (after recording again in place)."""
-        self.prev = {n: 0 for n in self.maps}
+        self.prev = {k: 0 for k in self.dirty_keys}
         for _, count in self.dirty.values():
             count.zero_()
         self.ran_dense = False
@@ -241,13 +244,17 @@ class GraphedEdits:
     def commit(self) -> None:
         """The last edit becomes the original: copy its dirty tiles into the caches."""
         state, prog = self.state, self.program
-        self.prev = {n: 0 for n in self.maps}
         for name in self.maps:
-            corners, count = self.dirty[name]
-            th, tw = prog.tile_requests[prog.map_tiles[name]].tile
-            restore(state.cache(name), state.work(name), corners, th, tw, count,
-                    check_values=False)  # fmt: skip
+            key = self.map_key[name]
+            rows = self.prev[key]
+            if rows:
+                corners, count = self.dirty[key]
+                th, tw = prog.tile_requests[key].tile
+                restore(state.cache(name), state.work(name), corners[:rows], th, tw, count,
+                        check_values=False)  # fmt: skip
+        for _, count in self.dirty.values():
             count.zero_()
+        self.prev = {k: 0 for k in self.dirty_keys}
         if self.last is not None:
             for name, (s1, s2) in (self.last.pending_norm_sums or {}).items():
                 r1, r2 = state.norm_sums(name)
