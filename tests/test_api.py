@@ -394,3 +394,36 @@ def test_channels_last_maps_give_the_same_edit():
     want = _sample(plain.edit(xe, *args[1:], mask=mask, **kwargs))
     got = _sample(cl.edit(xe, *args[1:], mask=mask, **kwargs))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_private_maps_need_no_cache_and_change_nothing(graphs):
+    """Maps read only at the tiles their producer writes (a transformer block's LayerNorm,
+    queries, attention output, residual sums) keep no cache; edits and commits are unchanged."""
+    import dataclasses
+
+    from sigec.runtime.engine import SparseEngine
+
+    model, args, kwargs = _tiny("sd15-unet-tiny")
+    config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4},
+                                cuda_graphs=graphs)  # fmt: skip
+    engine = sigec.compile(model, args, kwargs, config=config)
+    prog = engine.program
+    assert len(prog.private_maps) >= 20
+    full = SparseEngine(dataclasses.replace(prog, private_maps=frozenset()), config)
+    for e in (engine, full):
+        e.record(*args, **kwargs)
+    buffers = dict(engine.slots["0"].named_buffers())
+    assert all(f"cache__{m}" not in buffers and f"work__{m}" in buffers for m in prog.private_maps)
+    assert engine.stats()["cache_bytes"] < full.stats()["cache_bytes"]
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    for i, mask_name in enumerate(["blob", "pixel", "blobs", "blob"]):
+        xe = apply_edit(x, masks[mask_name], seed=i)
+        got = _sample(engine.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
+        want = _sample(full.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
+        assert torch.equal(got, want), mask_name
+        if mask_name == "pixel":
+            engine.commit()
+            full.commit()
+            x = xe

@@ -10,6 +10,7 @@ import logging
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from sigec.config import SparseConfig
 from sigec.errors import CaptureError
@@ -109,6 +110,8 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         if info(n).role == "dependent" and info(n).mode == "dense" and info(n).reason
     )
     ctx.bump("dense_fallbacks", len(fallbacks))
+    private = _private_maps(edit_gm, ctx)
+    ctx.bump("private_maps", len(private))
     spatial_inputs = [v for v, k in zip(cap.flat_inputs, kinds, strict=True) if k == "spatial"]
     example_meta = [
         (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
@@ -140,5 +143,43 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         fallbacks=fallbacks,
         counters=dict(ctx.counters),
         layouts=layouts,
+        private_maps=private,
         policy=config.mask_policy,
     )
+
+
+def _private_maps(edit_gm: torch.fx.GraphModule, ctx) -> frozenset[str]:
+    """Maps that are only ever read at the tiles their producer writes in the same edit.
+
+    Every user gathers the map through the very tile list that wrote it (token-wise ops and the
+    queries of attention at one resolution share the pointwise tile list): values outside those
+    tiles are never read, so the map needs no cache and no restore. Outputs, maps read in full
+    (keys/values, dense ops, convs with halos or other tiles) and incremental norms' inputs keep
+    theirs.
+    """
+    norm_inputs = {nf.input for nf in ctx.norms if nf.incremental}
+    private = set()
+    for node in edit_gm.graph.nodes:
+        if node.target not in (ops.tile_op, ops.sparse_attention, ops.sparse_conv2d,
+                               ops.tile_upsample):  # fmt: skip
+            continue
+        name, key = node.kwargs["name"], node.kwargs["tile_key"]
+        if name not in ctx.maps or name in norm_inputs or not node.users:
+            continue
+        if all(_reads_only_tiles(u, node, key) for u in node.users):
+            private.add(name)
+    return frozenset(private)
+
+
+def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str) -> bool:
+    if user.op != "call_function" or user.kwargs.get("tile_key") != key:
+        return False
+    if user.target is ops.sparse_attention:  # the queries only (keys/values are read in full)
+        return user.args[2] is producer and producer not in user.args[3:5]
+    if user.target is ops.tile_op:  # gathered operands, all at the user's tiles
+        _, _, _, args, kwargs, flags = user.args
+        leaves = pytree.tree_leaves((args, kwargs))
+        marks = pytree.tree_leaves(flags)
+        uses = [m for a, m in zip(leaves, marks, strict=True) if a is producer]
+        return bool(uses) and all(uses) and producer not in pytree.tree_leaves(user.kwargs)
+    return False

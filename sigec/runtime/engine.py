@@ -53,17 +53,20 @@ class SlotState(torch.nn.Module):
         self.pending_norm_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.graphs = None  # GraphedEdits, with SparseConfig(cuda_graphs=True)
 
-    def add_map(self, name: str, value: torch.Tensor) -> None:
-        self.register_buffer(f"cache__{name}", value.detach().clone())
+    def add_map(self, name: str, value: torch.Tensor, private: bool = False) -> None:
+        """A working map and (unless ``private``: read only where this edit writes) its cache."""
+        if not private:
+            self.register_buffer(f"cache__{name}", value.detach().clone())
+            self.map_names.append(name)
         self.register_buffer(f"work__{name}", value.detach().clone())
-        self.map_names.append(name)
 
-    def set_map(self, name: str, value: torch.Tensor) -> None:
+    def set_map(self, name: str, value: torch.Tensor, private: bool = False) -> None:
         """Cache and working map of ``name`` := ``value`` (new buffers, or copied in place)."""
         if not self.has_map(name):
-            self.add_map(name, value)
+            self.add_map(name, value, private)
             return
-        self.cache(name).copy_(value)
+        if not private:
+            self.cache(name).copy_(value)
         self.work(name).copy_(value)
 
     def set_buffer(self, key: str, value: torch.Tensor) -> None:
@@ -241,7 +244,7 @@ class SparseEngine(torch.nn.Module):
             value = values[name]
             if self.config.channels_last and value.dim() == 4:
                 value = value.contiguous(memory_format=torch.channels_last)
-            state.set_map(name, value)
+            state.set_map(name, value, name in prog.private_maps)
         for name in prog.statics:
             state.set_buffer(f"static__{name}", values[name])
         for nf in prog.norms:
@@ -293,7 +296,8 @@ class SparseEngine(torch.nn.Module):
             name: tiles[key]
             for name, key in self.program.map_tiles.items()
             if key in tiles.used() and name in self.program.maps
-        }
+            and name not in self.program.private_maps
+        }  # fmt: skip
         state.last_tiles = tiles
         return self._finish_edit(state, flat, outs)
 

@@ -68,7 +68,8 @@ class GraphedEdits:
         self.grid = {k: grid_size(prog.tile_requests[k], prog.tile_requests[k].mask)
                      for k in self.keys}  # fmt: skip
         dev = next(iter(state.buffers())).device
-        self.maps = [n for n in prog.map_tiles if n in prog.maps]
+        # maps with a cache (private maps are never read outside this edit's tiles)
+        self.maps = [n for n in prog.map_tiles if n in prog.maps and n not in prog.private_maps]
         # maps written through the same tile list share one dirty list (one copy per list)
         self.map_key = {n: prog.map_tiles[n] for n in self.maps}
         self.dirty_keys = sorted(set(self.map_key.values()))
