@@ -205,10 +205,6 @@ def match_attention(node: torch.fx.Node, is_view, is_identity, is_source) -> Att
     heads = int(av.shape[0]) // b if batched else int(av.shape[1])
     if heads < 1 or qv.shape[-1] % heads or _val(k).shape[-1] % heads or _val(v).shape[-1] % heads:
         return None
-    if scale is None:
-        scale_default = None
-    else:
-        scale_default = scale
     for src, chain, transposed in ((q, qc, False), (k, kc, k_transposed), (v, vc, False)):
         sv = _val(src)
         p = torch.arange(sv.numel(), dtype=torch.int64).view(tuple(sv.shape))
@@ -239,4 +235,4 @@ def match_attention(node: torch.fx.Node, is_view, is_identity, is_source) -> Att
     if tuple(_val(out).shape[:2]) != tuple(qv.shape[:2]):
         return None
     parts.extend(chain[:-1])
-    return AttentionMatch(q, k, v, heads, scale_default, out, tuple(parts))
+    return AttentionMatch(q, k, v, heads, scale, out, tuple(parts))  # scale None: 1/sqrt(d)
