@@ -39,7 +39,8 @@ PIPELINE = (
     rw.eliminate_dead_code,  # fused-away activations and norms, before they get working maps
     rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
     rw.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
-    rw.eliminate_dead_code,  # last: drops the subgraphs the passes above made unused
+    rw.eliminate_dead_code,  # drops the subgraphs the passes above made unused
+    rw.hoist_invariants,  # last: arithmetic on cached values -> computed once at record
 )
 
 
@@ -143,6 +144,8 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         fallbacks=fallbacks,
         counters=dict(ctx.counters),
         layouts=layouts,
+        prelude_gm=ctx.prelude,
+        hoisted=tuple(ctx.hoisted),
         private_maps=private,
         policy=config.mask_policy,
     )

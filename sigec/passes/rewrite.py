@@ -45,6 +45,8 @@ class PassContext:
     tile_requests: dict[str, TileRequest] = field(default_factory=dict)
     map_tiles: dict[str, str] = field(default_factory=dict)
     op_tiles: dict[str, str] = field(default_factory=dict)  # captured linear/attention -> tiles
+    prelude: torch.fx.GraphModule | None = None  # record-time values of hoisted invariants
+    hoisted: list[str] = field(default_factory=list)
     state: torch.fx.Node | None = None
     tiles: torch.fx.Node | None = None
 
@@ -512,6 +514,57 @@ def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         changed += 1
     ctx.bump("upsamples_sparse", changed)
     return _finish(gm, "rewrite_upsamples", changed)
+
+
+BUFFER_READS = {ops.cached, ops.norm_scale, ops.norm_shift}
+
+
+def hoist_invariants(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Arithmetic on values no edit changes -> computed once at record, read as a cached value.
+
+    A node is edit-invariant when it reads a slot buffer that edits never change (cached statics,
+    folded norm scale/shift), a weight, or only such nodes (e.g. ``bias_through_affine`` of a
+    norm's shift and the timestep embedding). The outermost computed ones are moved into
+    ``ctx.prelude``, a graph of the slot state that ``record`` runs; the edit reads their values
+    (``cached``), so each edit launches none of their kernels.
+    """
+    inv: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call_function" and node.target in BUFFER_READS):
+            inv.add(node)
+        elif (
+            node.op == "call_function" and node.target not in RUNTIME_MAP_OPS
+            and node.target is not ops.norm_incremental and node.all_input_nodes
+            and all(a in inv for a in node.all_input_nodes)
+        ):  # fmt: skip
+            inv.add(node)
+    computed = {n for n in inv if n.op == "call_function" and n.target not in BUFFER_READS}
+    roots = [n for n in gm.graph.nodes
+             if n in computed and any(u not in inv for u in n.users)
+             and isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)]  # fmt: skip
+    if not roots:
+        return _finish(gm, "hoist_invariants", 0)
+    graph = torch.fx.Graph()
+    state = graph.placeholder("sigec_state")
+    env: dict[torch.fx.Node, torch.fx.Node] = {ctx.state: state}
+    for node in gm.graph.nodes:  # every invariant node a root needs, in graph order
+        if node in inv and node not in env:
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(tuple(env[r] for r in roots))
+    prelude = torch.fx.GraphModule(gm, graph)
+    prelude.graph.eliminate_dead_code()
+    prelude.recompile()
+    for root in roots:
+        name = f"hoisted_{root.name}"
+        with gm.graph.inserting_before(root):
+            new = gm.graph.call_function(ops.cached, (ctx.state, name))
+        new.meta.update(root.meta)
+        root.replace_all_uses_with(new)
+        ctx.hoisted.append(name)
+    ctx.prelude = prelude
+    _dead_code(gm)
+    ctx.bump("invariants_hoisted", len(roots))
+    return _finish(gm, "hoist_invariants", len(roots))
 
 
 def _dead_code(gm: torch.fx.GraphModule) -> int:

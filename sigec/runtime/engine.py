@@ -261,6 +261,9 @@ class SparseEngine(torch.nn.Module):
         for i, kind in enumerate(prog.input_kinds):
             if kind != "const":
                 state.set_buffer(f"input__{i}", flat[i])
+        if prog.prelude_gm is not None:  # edit-invariant arithmetic, once per record
+            for name, value in zip(prog.hoisted, prog.prelude_gm(state), strict=True):
+                state.set_buffer(f"static__{name}", value)
         return list(outs)
 
     @torch.no_grad()

@@ -128,3 +128,6 @@ class Program:
     layouts: dict[str, tuple[str, Resolution]] = field(default_factory=dict)
     # maps only read at the tiles their producer writes in the same edit: no cache, no restore
     private_maps: frozenset[str] = frozenset()
+    # record-time computation of edit-invariant values: prelude_gm(state) -> one per ``hoisted``
+    prelude_gm: torch.fx.GraphModule | None = None
+    hoisted: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ import sigec
 from sigec.passes import rewrite as rw
 from sigec.passes.pipeline import PIPELINE, build_program
 from sigec.passes.summary import SUMMARY_MODELS, summary_of
+from sigec.runtime import ops
 from sigec.runtime.engine import SparseEngine
 from tests.masks_for_tests import apply_edit, edit_masks
 from tests.nets import ConvNet, GroupNormNet, TokenNet, init_bn
@@ -116,6 +117,7 @@ def test_negative_cases_where_rewrites_must_not_fire():
         (rw.fold_biases, "biases_folded"),
         (rw.fuse_prologues, "prologues_fused"),
         (rw.fuse_residuals, "residuals_fused"),
+        (rw.hoist_invariants, "invariants_hoisted"),
     ],
 )
 def test_truncated_fusions_do_not_change_the_result(pass_fn, counter):
@@ -229,3 +231,16 @@ def test_graph_summary_matches_the_checked_in_one(name):
     want = json.loads((SUMMARIES / f"{name}.json").read_text())
     got = json.loads(json.dumps(summary_of(name)))
     assert got == want
+
+
+def test_hoisted_invariants_leave_the_edit_graph_and_are_recorded():
+    torch.manual_seed(0)
+    model, args = GroupNormNet().eval(), (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
+    engine = _engine(model, args, TRUNC)
+    prog = engine.program
+    assert prog.hoisted and prog.prelude_gm is not None
+    targets = {n.target for n in engine.edit_gm.graph.nodes}
+    assert ops.bias_through_affine not in targets  # now computed once, at record
+    engine.record(*args)
+    buffers = dict(engine.slots["0"].named_buffers())
+    assert all(f"static__{name}" in buffers for name in prog.hoisted)
