@@ -45,7 +45,7 @@ def compile(  # noqa: A001 (the verb is the API)
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple | list):
         example_inputs = (example_inputs,)
-    source = copy.deepcopy(model).eval()
+    source = _private_copy(model).eval()
     example = (tuple(example_inputs), dict(example_kwargs or {}))
 
     def rebuild(device=None, dtype=None):
@@ -56,6 +56,18 @@ def compile(  # noqa: A001 (the verb is the API)
         return build_program(source, example[0], example[1], config)
 
     return SparseEngine(rebuild(), config, rebuild)
+
+
+def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model``. Tensors computed in a forward pass and kept as plain attributes
+    (spectral norm's ``weight`` after a call with grad enabled) cannot be deep-copied: their
+    copies are detached clones; the user's model is not touched."""
+    memo = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _move(tree, device, dtype):

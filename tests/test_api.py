@@ -427,3 +427,34 @@ def test_private_maps_need_no_cache_and_change_nothing(graphs):
             engine.commit()
             full.commit()
             x = xe
+
+
+def test_fit_tiles_shrinks_overhanging_tiles_and_stays_exact():
+    config = sigec.SparseConfig(block_size={"3x3": 6, "1x1": 4}, fit_tiles=True)
+    assert config.tile_for(3, 3, (8, 8)) == 4  # 6x6 tiles would cover 12x12
+    assert config.tile_for(3, 3, (64, 64)) == 6  # 66x66: a small overhang is kept
+    assert sigec.SparseConfig().tile_for(3, 3, (8, 8)) == 6  # off by default
+    model, args, kwargs = _tiny("gaugan-tiny")
+    exact = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 6, "1x1": 4},
+                               fit_tiles=True)  # fmt: skip
+    engine = sigec.compile(model, args, kwargs, config=exact)
+    engine.record(*args)
+    tiles = {req.tile[0] for req in engine.program.tile_requests.values() if req.kernel == (3, 3)}
+    assert {4, 6} <= tiles and max(tiles) == 6  # small maps get smaller tiles
+    mask = edit_masks(*args[0].shape[-2:])["blob"]
+    xe = apply_edit(args[0], mask, seed=2)
+    torch.testing.assert_close(engine.edit(xe, mask=mask), _dense(model, (xe,), {}),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+def test_compile_after_a_forward_with_grad_enabled():
+    """Spectral norm keeps a computed ``weight`` attribute after a forward with grad enabled;
+    compiling must still work and leave the model untouched."""
+    model, args, kwargs = _tiny("gaugan-tiny")
+    with torch.enable_grad():
+        model(*args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = sigec.compile(model, args, kwargs, config=EXACT)
+    torch.testing.assert_close(engine.record(*args), _dense(model, args, {}), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -271,7 +271,7 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         w, b, stride, padding, dilation, groups = conv_params(node)
         kh, kw = node.args[1].meta["val"].shape[-2:]
         kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
-        tile = ctx.config.tile_for_kernel(int(kh), int(kw))
+        tile = ctx.config.tile_for(int(kh), int(kw), ni.resolution)
         key = ctx.request(orig_name(node), ni.resolution, kernel, stride, padding, tile)
         name = orig_name(node)
         new = _replace_with(gm, node, ops.sparse_conv2d,
