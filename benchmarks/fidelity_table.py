@@ -30,7 +30,7 @@ def _sample(out):
     return out.sample if hasattr(out, "sample") else out
 
 
-def run(name: str, device, dtype, fractions) -> dict:
+def run(name: str, device, dtype, fractions, fit_tiles: bool = False) -> dict:
     model, inputs, kwargs = build_on(name, device, dtype)
     x, rest = inputs[0], inputs[1:]
     h, w = x.shape[-2:]
@@ -44,7 +44,8 @@ def run(name: str, device, dtype, fractions) -> dict:
             edits.append((fraction, mask, x_edit, _sample(model(x_edit, *rest, **kwargs))))
     rows = {f: {"fraction": f} for f in fractions}
     for stats_mode in ("cached", "incremental"):
-        config = sigec.SparseConfig(norm_stats=stats_mode, **MODELS[name].sige_config)
+        config = sigec.SparseConfig(norm_stats=stats_mode, fit_tiles=fit_tiles,
+                                    **MODELS[name].sige_config)  # fmt: skip
         t0 = time.perf_counter()
         engine = sigec.compile(model, inputs, kwargs, config=config)
         engine.record(*inputs, **kwargs)
@@ -74,6 +75,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    p.add_argument("--fit-tiles", action="store_true", help="SparseConfig(fit_tiles=True)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -81,7 +83,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "torch": torch.__version__,
-        "results": [run(m, device, dtype, args.fractions) for m in args.models],
+        "fit_tiles": args.fit_tiles,
+        "results": [run(m, device, dtype, args.fractions, args.fit_tiles) for m in args.models],
     }  # fmt: skip
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1))
