@@ -325,6 +325,22 @@ def test_an_edit_forgets_the_previous_uncommitted_edit(policy):
     assert torch.equal(got, fresh.edit(xb))
 
 
+def _same_edits(engine, reference, args, kwargs, mask_names, commit_after):
+    """Run the same edits on two recorded engines (both commit after ``commit_after``): every
+    output must be bit-identical."""
+    x = args[0]
+    masks = edit_masks(*x.shape[-2:])
+    for i, mask_name in enumerate(mask_names):
+        xe = apply_edit(x, masks[mask_name], seed=i)
+        got = _sample(engine.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
+        want = _sample(reference.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
+        assert torch.equal(got, want), mask_name
+        if mask_name == commit_after:
+            engine.commit()
+            reference.commit()
+            x = xe
+
+
 @pytest.mark.parametrize("name", ["sd15-unet-tiny", "gaugan-tiny"])
 def test_static_shape_graph_path_gives_the_eager_result(name):
     """The CUDA-graph path (capacity buckets, device-side dirty lists, commit by copy) runs
@@ -336,17 +352,7 @@ def test_static_shape_graph_path_gives_the_eager_result(name):
                             config=sigec.SparseConfig(**base, cuda_graphs=True))  # fmt: skip
     for e in (eager, graphed):
         e.record(*args, **kwargs)
-    x = args[0]
-    masks = edit_masks(*x.shape[-2:])
-    for i, mask_name in enumerate(["blob", "pixel", "full", "blob", "border"]):
-        xe = apply_edit(x, masks[mask_name], seed=i)
-        want = _sample(eager.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
-        got = _sample(graphed.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
-        assert torch.equal(got, want), mask_name
-        if mask_name == "full":
-            eager.commit()
-            graphed.commit()
-            x = xe
+    _same_edits(graphed, eager, args, kwargs, ["blob", "pixel", "full", "blob", "border"], "full")
     assert len(graphed.slots["0"].graphs.entries) <= 5
 
 
@@ -416,17 +422,7 @@ def test_private_maps_need_no_cache_and_change_nothing(graphs):
     buffers = dict(engine.slots["0"].named_buffers())
     assert all(f"cache__{m}" not in buffers and f"work__{m}" in buffers for m in prog.private_maps)
     assert engine.stats()["cache_bytes"] < full.stats()["cache_bytes"]
-    x = args[0]
-    masks = edit_masks(*x.shape[-2:])
-    for i, mask_name in enumerate(["blob", "pixel", "blobs", "blob"]):
-        xe = apply_edit(x, masks[mask_name], seed=i)
-        got = _sample(engine.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
-        want = _sample(full.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
-        assert torch.equal(got, want), mask_name
-        if mask_name == "pixel":
-            engine.commit()
-            full.commit()
-            x = xe
+    _same_edits(engine, full, args, kwargs, ["blob", "pixel", "blobs", "blob"], "pixel")
 
 
 def test_fit_tiles_shrinks_overhanging_tiles_and_stays_exact():
