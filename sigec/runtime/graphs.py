@@ -58,12 +58,8 @@ class GraphedEdits:
 
     def __init__(self, engine, state):
         prog = engine.program
-        self.program, self.config, self.state, self.edit_gm = (
-            prog,
-            engine.config,
-            state,
-            (engine.edit_gm),
-        )
+        self.program, self.config, self.state = prog, engine.config, state
+        self.edit_gm = engine.edit_gm
         self.keys = sorted(prog.tile_requests)
         self.grid = {k: grid_size(prog.tile_requests[k], prog.tile_requests[k].mask)
                      for k in self.keys}  # fmt: skip
