@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 MASK_POLICIES = ("truncated", "exact")
 NORM_STATS = ("cached", "incremental")
+CONV_KERNELS = ("fused", "cudnn")
 
 
 def _default_block_sizes():
@@ -56,6 +57,12 @@ class SparseConfig:
         channels_last: keep every cached and working map in channels-last memory format (cuDNN's
             native fp16 layout: the convolutions on tiles need no layout conversion; measured
             1.2-2.4x faster sparse edits on an H200, docs/results.md).
+        conv_kernel: how a sparse conv runs on the GPU. "fused": one Triton implicit-GEMM launch
+            (``sigec.kernels.tile_conv``) reads the input tiles through the tile list, applies the
+            folded norm and activation, convolves, adds bias and residual and writes the output
+            tiles into the map; "cudnn": gather -> cuDNN conv on the tile batch -> scatter.
+            Convs with groups > 1 or more than two concatenated inputs always take the cuDNN
+            path. On the CPU both run the same PyTorch reference.
     """
 
     mask_policy: str = "truncated"
@@ -73,6 +80,7 @@ class SparseConfig:
     dense_backend: str = "inductor"
     channels_last: bool = True
     fit_tiles: bool = False
+    conv_kernel: str = "fused"
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -89,6 +97,10 @@ class SparseConfig:
         if self.dense_backend not in ("inductor", "eager"):
             raise ValueError(
                 f"dense_backend: expected 'inductor' or 'eager', got {self.dense_backend!r}"
+            )
+        if self.conv_kernel not in CONV_KERNELS:
+            raise ValueError(
+                f"conv_kernel: expected one of {CONV_KERNELS}, got {self.conv_kernel!r}"
             )
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")

@@ -1,10 +1,11 @@
 """Tile kernels: one file per op family (Triton kernel, PyTorch reference, ``sigec::`` custom op).
 
-Importing this package registers ``torch.ops.sigec.gather``, ``torch.ops.sigec.scatter`` and
-``torch.ops.sigec.restore``. This package imports only torch and triton.
+Importing this package registers ``torch.ops.sigec.gather``, ``torch.ops.sigec.scatter``,
+``torch.ops.sigec.restore`` and ``torch.ops.sigec.tile_conv``. This package imports only torch and triton.
 """
 
 from sigec.kernels._common import ACTIVATIONS
+from sigec.kernels.conv import tile_conv, tile_conv_reference, tile_conv_triton
 from sigec.kernels.gather import gather, gather_reference, gather_triton
 from sigec.kernels.restore import restore, restore_reference, restore_triton
 from sigec.kernels.scatter import scatter, scatter_reference, scatter_triton
@@ -20,4 +21,7 @@ __all__ = [
     "scatter",
     "scatter_reference",
     "scatter_triton",
+    "tile_conv",
+    "tile_conv_reference",
+    "tile_conv_triton",
 ]

@@ -276,7 +276,8 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         name = orig_name(node)
         new = _replace_with(gm, node, ops.sparse_conv2d,
                             (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
-                            {"name": name, "tile_key": key})  # fmt: skip
+                            {"name": name, "tile_key": key,
+                             "kernel": ctx.config.conv_kernel})  # fmt: skip
         new.meta["sigec_conv"] = name  # the captured conv it computes (MAC counts)
         ctx.add_map(name, new)
         changed += 1

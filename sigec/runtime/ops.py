@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from sigec.kernels import gather, scatter
+from sigec.kernels import gather, scatter, tile_conv
 
 
 def cached(state, name: str) -> torch.Tensor:
@@ -100,12 +100,14 @@ def sparse_conv2d(
     act: str = "identity",
     slope: float = 0.01,
     residual: torch.Tensor | None = None,
+    kernel: str = "cudnn",
 ) -> torch.Tensor:
     """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ residual).
 
     Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
     batch uses padding 0. ``x`` may be a list of maps: their channel concatenation, which is then
-    only ever built tile by tile.
+    only ever built tile by tile. ``kernel="fused"`` runs all of it as one ``tile_conv`` launch
+    (Triton implicit GEMM; groups = 1 and at most two concatenated inputs, else the cuDNN path).
     """
     ts = tiles[tile_key]
     out = state.work(name)
@@ -115,6 +117,12 @@ def sparse_conv2d(
             f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
+    if kernel == "fused" and groups == 1 and len(parts) <= 2:
+        tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
+                  list(stride), list(dilation), scale, shift, act, slope, residual,
+                  ts.num_active, check_values=False)  # fmt: skip
+        state.note_written(name, ts)
+        return out
     batches, offset = [], 0
     for part in parts:
         c = part.shape[1]

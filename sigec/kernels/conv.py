@@ -1,0 +1,386 @@
+"""Tile conv: gather (+ folded norm + activation) -> conv -> scatter (+ residual) in one launch.
+
+An implicit-GEMM convolution on the active tiles only. Each program computes ``BLOCK_M`` output
+pixels of the active tiles times ``BLOCK_N`` output channels: it reads the input pixels each
+output pixel needs straight from the full map (through the tile's input corner, zeros outside the
+map), applies the fused prologue in fp32, multiplies with the weights on tensor cores (fp32
+accumulation), adds the bias and the residual, and writes the result straight into the output map
+at the tile's output corner. No tile batch is ever materialised; one launch replaces gather (one
+per concatenated input), ``torch.cat``, the cuDNN conv and the scatter.
+
+Contract:
+    out:        ``[N, Co, Ho, Wo]`` fp32 / fp16 / bf16, any strides (channels-last is fastest);
+                mutated at the pixels of the active output tiles (inside the map) only.
+    parts:      one or two input maps ``[N, Ci_k, H, W]`` in out's dtype; their channel
+                concatenation is the conv's input (never built).
+    weight:     ``[Co, sum Ci_k, kh, kw]`` in out's dtype, groups = 1, any strides (channels-last
+                weights load fastest).
+    bias:       optional ``[Co]``.
+    in_corners, out_corners: int32 ``[M, 2]``: tile ``m`` reads the input window at
+                ``in_corners[m]`` and writes the ``tile_h x tile_w`` output tile at
+                ``out_corners[m]`` (the ``TileSet`` of a conv: ``in = out * stride - padding``).
+    stride, dilation: of the conv (its padding is in the corners).
+    scale, shift, activation, slope: the gather prologue ``act(x * scale[n, c] + shift[n, c])``
+                over the concatenated input channels, in fp32, rounded to the dtype once; pixels
+                outside the input map are zero after it (padding of the normalised map).
+    residual:   optional ``[N, Co, Ho, Wo]`` added on the written pixels (may be ``out``).
+    num_active: optional int32 ``[1]``: tiles ``m >= num_active`` are capacity padding (programs
+                past the real tiles exit at once).
+
+Matches ``tile_conv_reference`` (gather -> ``F.conv2d`` -> scatter) to the accumulation order and
+one rounding (the reference rounds the conv output before adding the residual). Tested under the
+Triton CPU interpreter (fp32, fp16) and on an NVIDIA H100/H200 (see docs/kernels.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from sigec.kernels._common import (
+    check_activation,
+    check_corners,
+    check_tensor,
+    check_tile_size,
+    reject_float64,
+)
+from sigec.kernels.gather import _activate, gather_reference
+from sigec.kernels.scatter import scatter_reference
+
+
+@triton.jit
+def _accumulate_part(
+    acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
+    n, iy, ix, row_ok, offs_n, n_ok,
+    C, H, W, C_OFF, KH, KW, DIL_H, DIL_W,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_sn, stride_sc, stride_bn, stride_bc,
+    slope,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for ky in range(0, KH):
+        y = iy + ky * DIL_H
+        for kx in range(0, KW):
+            x = ix + kx * DIL_W
+            inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+            base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
+            w_base = w_ptr + ky * stride_wh + kx * stride_ww
+            for c0 in range(0, C, BLOCK_K):
+                c = c0 + offs_k
+                c_ok = c < C
+                a = tl.load(base[:, None] + c[None, :] * stride_xc,
+                            mask=inside[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+                if HAS_SCALE or HAS_SHIFT or ACT != 0:
+                    v = a.to(tl.float32)
+                    cc = (C_OFF + c)[None, :]
+                    if HAS_SCALE:
+                        s = tl.load(scale_ptr + n[:, None] * stride_sn + cc * stride_sc,
+                                    mask=c_ok[None, :], other=0.0)  # fmt: skip
+                        v = v * s.to(tl.float32)
+                    if HAS_SHIFT:
+                        b = tl.load(shift_ptr + n[:, None] * stride_bn + cc * stride_bc,
+                                    mask=c_ok[None, :], other=0.0)  # fmt: skip
+                        v = v + b.to(tl.float32)
+                    v = _activate(v, slope, ACT)
+                    v = tl.where(inside[:, None] & c_ok[None, :], v, 0.0)
+                    a = v.to(x_ptr.dtype.element_ty)
+                wt = tl.load(w_base + (C_OFF + c)[:, None] * stride_wc
+                             + offs_n[None, :] * stride_wo,
+                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+                if IEEE:
+                    acc += tl.dot(a, wt, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, wt)
+    return acc
+
+
+@triton.jit
+def _tile_conv_kernel(
+    # pointers
+    out_ptr, x1_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, in_c_ptr, out_c_ptr, count_ptr,
+    scale_ptr, shift_ptr,
+    # sizes
+    NB, M, C1, C2, H, W, CO, HO, WO, TILE_H, TILE_W, KH, KW,
+    STRIDE_H, STRIDE_W, DIL_H, DIL_W,
+    # strides (elements)
+    stride_on, stride_oc, stride_oh, stride_ow,
+    stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+    stride_x2n, stride_x2c, stride_x2h, stride_x2w,
+    stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_rn, stride_rc, stride_rh, stride_rw,
+    stride_sn, stride_sc, stride_bn, stride_bc,
+    # scalars
+    slope,
+    # meta-parameters
+    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    ACT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # -- rows are output pixels, ordered (tile m, sample n, pixel p): real tiles come first
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    P = TILE_H * TILE_W
+    active = M
+    if HAS_COUNT:
+        active = tl.load(count_ptr)
+    rows = active * NB * P
+    if pid_m * BLOCK_M >= rows:
+        return  # capacity padding: nothing to compute
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = r < rows
+    t = r // P
+    p = r % P
+    m = t // NB
+    n = (t % NB).to(tl.int64)
+    dy = p // TILE_W
+    dx = p % TILE_W
+    oy = tl.load(out_c_ptr + 2 * m, mask=row_ok, other=0) + dy
+    ox = tl.load(out_c_ptr + 2 * m + 1, mask=row_ok, other=0) + dx
+    iy = tl.load(in_c_ptr + 2 * m, mask=row_ok, other=0) + dy * STRIDE_H
+    ix = tl.load(in_c_ptr + 2 * m + 1, mask=row_ok, other=0) + dx * STRIDE_W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < CO
+
+    # -- implicit GEMM over (part, ky, kx, channel block)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_part(
+        acc, x1_ptr, w_ptr, scale_ptr, shift_ptr, n, iy, ix, row_ok, offs_n, n_ok,
+        C1, H, W, 0, KH, KW, DIL_H, DIL_W,
+        stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+        stride_wo, stride_wc, stride_wh, stride_ww,
+        stride_sn, stride_sc, stride_bn, stride_bc, slope,
+        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K,
+    )  # fmt: skip
+    if HAS_X2:
+        acc = _accumulate_part(
+            acc, x2_ptr, w_ptr, scale_ptr, shift_ptr, n, iy, ix, row_ok, offs_n, n_ok,
+            C2, H, W, C1, KH, KW, DIL_H, DIL_W,
+            stride_x2n, stride_x2c, stride_x2h, stride_x2w,
+            stride_wo, stride_wc, stride_wh, stride_ww,
+            stride_sn, stride_sc, stride_bn, stride_bc, slope,
+            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K,
+        )  # fmt: skip
+
+    # -- epilogue: bias, residual, write into the map (only pixels inside it)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    keep = row_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
+    mask = keep[:, None] & n_ok[None, :]
+    oy64 = oy.to(tl.int64)[:, None]
+    ox64 = ox.to(tl.int64)[:, None]
+    co64 = offs_n.to(tl.int64)[None, :]
+    if HAS_RESIDUAL:
+        r_src = res_ptr + n[:, None] * stride_rn + co64 * stride_rc + oy64 * stride_rh
+        res = tl.load(r_src + ox64 * stride_rw, mask=mask, other=0.0)
+        acc += res.to(tl.float32)
+    dst = out_ptr + n[:, None] * stride_on + co64 * stride_oc + oy64 * stride_oh
+    tl.store(dst + ox64 * stride_ow, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def tile_conv_reference(
+    out: torch.Tensor,
+    parts: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_corners: torch.Tensor,
+    out_corners: torch.Tensor,
+    tile_h: int,
+    tile_w: int,
+    stride: list[int],
+    dilation: list[int],
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    activation: str = "identity",
+    slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+    num_active: torch.Tensor | None = None,
+) -> None:
+    """gather -> ``F.conv2d`` -> scatter: the definition of correctness and the CPU path."""
+    in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
+    in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
+    batches, offset = [], 0
+    for part in parts:
+        c = part.shape[1]
+        sc = scale[:, offset : offset + c] if scale is not None else None
+        sh = shift[:, offset : offset + c] if shift is not None else None
+        batches.append(gather_reference(part, in_corners, in_h, in_w, sc, sh, activation, slope,
+                                        False, num_active))  # fmt: skip
+        offset += c
+    batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
+    y = F.conv2d(batch, weight, bias, tuple(stride), 0, tuple(dilation))
+    scatter_reference(out, y.contiguous(), out_corners, residual, num_active)
+
+
+def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a tile conv.
+
+    Few rows (small edits) want small BLOCK_M so more programs spread over the SMs; the channel
+    block follows the channel count (UNet channel counts are multiples of 32).
+    """
+    block_k = 64 if c_in >= 64 else max(16, triton.next_power_of_2(c_in))
+    block_n = 128 if c_out >= 128 and rows >= 4096 else 64 if c_out >= 64 else 32
+    block_m = 128 if rows >= 16384 else 64
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return block_m, block_n, block_k, num_warps, 3
+
+
+def tile_conv_triton(
+    out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+    scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
+    check_values=True, blocks: tuple[int, int, int, int, int] | None = None,
+) -> None:  # fmt: skip
+    """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``blocks`` overrides ``block_config`` (tests use large blocks under the interpreter).
+    """
+    act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
+                 dilation, scale, shift, activation, slope, residual, num_active,
+                 check_values)  # fmt: skip
+    reject_float64("out", out)
+    nb, co, ho, wo = out.shape
+    m = in_corners.shape[0]
+    x1 = parts[0]
+    x2 = parts[1] if len(parts) > 1 else parts[0]
+    c1, c2 = x1.shape[1], (parts[1].shape[1] if len(parts) > 1 else 0)
+    _, _, h, w = x1.shape
+    rows = nb * m * tile_h * tile_w
+    if rows == 0 or co == 0:
+        return
+    bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
+    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn))
+    dummy = in_corners  # stands in for absent optional pointers (never read)
+    _tile_conv_kernel[grid](
+        out, x1, x2, weight, bias if bias is not None else dummy,
+        residual if residual is not None else dummy, in_corners.contiguous(),
+        out_corners.contiguous(), num_active if num_active is not None else dummy,
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        nb, m, c1, c2, h, w, co, ho, wo, tile_h, tile_w, weight.shape[2], weight.shape[3],
+        stride[0], stride[1], dilation[0], dilation[1],
+        *out.stride(), *x1.stride(), *x2.stride(), *weight.stride(),
+        *(residual.stride() if residual is not None else (0, 0, 0, 0)),
+        *(scale.stride() if scale is not None else (0, 0)),
+        *(shift.stride() if shift is not None else (0, 0)),
+        float(slope),
+        HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, ACT=act, IEEE=out.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
+def _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+           scale, shift, activation, slope, residual, num_active, check_values=True) -> int:  # fmt: skip
+    check_tensor("out", out, rank=4)
+    check_tile_size(tile_h, tile_w)
+    if not isinstance(parts, list | tuple) or not 1 <= len(parts) <= 2:
+        raise ValueError("parts: expected a list of one or two input maps (a channel concat)")
+    nb = out.shape[0]
+    for i, part in enumerate(parts):
+        check_tensor(f"parts[{i}]", part, rank=4, dtypes=(out.dtype,), device=out.device)
+        if part.shape[0] != nb or part.shape[2:] != parts[0].shape[2:]:
+            raise ValueError(
+                f"parts[{i}]: expected [N={nb}, C, H, W] with the H, W of parts[0], "
+                f"got {tuple(part.shape)}"
+            )
+    c_in = sum(int(p.shape[1]) for p in parts)
+    check_tensor("weight", weight, rank=4, dtypes=(out.dtype,), device=out.device)
+    if weight.shape[0] != out.shape[1] or weight.shape[1] != c_in:
+        raise ValueError(
+            f"weight: expected [Co={out.shape[1]}, Ci={c_in}, kh, kw] (groups = 1), "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_tensor("bias", bias, rank=1, dtypes=(out.dtype,), device=out.device)
+        if bias.shape[0] != out.shape[1]:
+            raise ValueError(f"bias: expected [{out.shape[1]}], got {tuple(bias.shape)}")
+    for name, pair in (("stride", stride), ("dilation", dilation)):
+        if len(pair) != 2 or any(int(v) < 1 for v in pair):
+            raise ValueError(f"{name}: expected two positive ints, got {pair!r}")
+    h, w = parts[0].shape[2:]
+    in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
+    in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
+    check_corners(in_corners, num_active, height=h, width=w, tile_h=in_h, tile_w=in_w,
+                  device=out.device, values=check_values)  # fmt: skip
+    check_corners(out_corners, num_active, height=out.shape[2], width=out.shape[3],
+                  tile_h=tile_h, tile_w=tile_w, device=out.device, values=check_values)  # fmt: skip
+    if in_corners.shape != out_corners.shape:
+        raise ValueError(
+            f"corners: in_corners {tuple(in_corners.shape)} and out_corners "
+            f"{tuple(out_corners.shape)} must list the same tiles"
+        )
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is None:
+            continue
+        check_tensor(name, t, rank=2, device=out.device)
+        if tuple(t.shape) != (nb, c_in):
+            raise ValueError(
+                f"{name}: expected shape [N, C_in] = [{nb}, {c_in}], got {tuple(t.shape)}"
+            )
+    if residual is not None:
+        check_tensor("residual", residual, rank=4, dtypes=(out.dtype,), device=out.device)
+        if residual.shape != out.shape:
+            raise ValueError(
+                f"residual: expected the shape of out {tuple(out.shape)}, got "
+                f"{tuple(residual.shape)}"
+            )
+    return check_activation(activation, slope)
+
+
+@torch.library.custom_op("sigec::tile_conv", mutates_args=("out",))
+def tile_conv(
+    out: torch.Tensor,
+    parts: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_corners: torch.Tensor,
+    out_corners: torch.Tensor,
+    tile_h: int,
+    tile_w: int,
+    stride: list[int],
+    dilation: list[int],
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    activation: str = "identity",
+    slope: float = 0.01,
+    residual: torch.Tensor | None = None,
+    num_active: torch.Tensor | None = None,
+    check_values: bool = True,
+) -> None:
+    """Conv on the active tiles, written into ``out`` in place (see the module docstring).
+
+    Args:
+        out: output map ``[N, Co, Ho, Wo]``, mutated at the active output tiles.
+        parts: one or two input maps whose channel concatenation the conv reads.
+        weight, bias: the conv's parameters (groups = 1).
+        in_corners, out_corners: int32 ``[M, 2]`` input window / output tile of each tile.
+        tile_h, tile_w: output tile size.
+        stride, dilation: the conv's (its padding is in ``in_corners``).
+        scale, shift, activation, slope: fused prologue on the input channels.
+        residual: optional map added on the written pixels.
+        num_active: optional int32 ``[1]``: only the first ``num_active`` tiles are real.
+        check_values: range-check the corners (one host sync on CUDA).
+    """
+    args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+            scale, shift, activation, slope, residual, num_active)  # fmt: skip
+    if out.is_cuda:
+        tile_conv_triton(*args, check_values)
+        return
+    _check(*args, check_values)
+    tile_conv_reference(*args)
+
+
+@tile_conv.register_fake
+def _tile_conv_fake(
+    out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+    scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
+    check_values=True,
+):  # fmt: skip
+    _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+           scale, shift, activation, slope, residual, num_active, check_values)  # fmt: skip

@@ -1,0 +1,158 @@
+"""The fused tile conv (gather + conv + scatter in one kernel) against its reference and dense."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sigec.kernels import tile_conv, tile_conv_reference, tile_conv_triton
+from sigec.runtime.masks import active_tiles, blob_mask
+
+BIG = (64, 32, 32, 4, 1)  # large blocks: few programs under the CPU interpreter
+
+
+def _setup(n=2, cin=5, cout=6, h=11, w=9, k=3, stride=1, padding=1, dilation=1, tile=4, seed=3,
+           dtype=torch.float32):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g).to(dtype)
+    weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dtype)
+    bias = torch.randn(cout, generator=g).to(dtype)
+    ho = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    mask = blob_mask(ho, wo, 0.3, seed=seed)
+    mask[-1, -1] = True  # a tile hanging off the bottom-right edge
+    kernel = dilation * (k - 1) + 1
+    ts = active_tiles(mask, kernel, stride, padding, tile=tile)
+    return x, weight, bias, ts, (n, cout, ho, wo), mask
+
+
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation",
+    [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (1, 1, 1, 1)],
+    ids=["3x3", "1x1", "3x3-stride2", "3x3-dilated", "1x1-padded"],
+)
+def test_reference_equals_dense_on_written_tiles(k, stride, padding, dilation):
+    x, weight, bias, ts, shape, mask = _setup(k=k, stride=stride, padding=padding,
+                                              dilation=dilation)  # fmt: skip
+    dense = F.conv2d(x, weight, bias, stride, padding, dilation)
+    out = torch.full(shape, float("nan"))
+    tile_conv_reference(out, [x], weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
+                        [stride] * 2, [dilation] * 2)  # fmt: skip
+    written = ~out[0, 0].isnan()
+    assert written[mask].all()
+    torch.testing.assert_close(out[:, :, written], dense[:, :, written], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "k,stride,padding,dilation",
+    [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2)],
+    ids=["3x3", "1x1", "3x3-stride2", "3x3-dilated"],
+)
+def test_triton_equals_reference(k, stride, padding, dilation):
+    x, weight, bias, ts, shape, _ = _setup(k=k, stride=stride, padding=padding,
+                                           dilation=dilation)  # fmt: skip
+    args = (weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [stride] * 2,
+            [dilation] * 2)  # fmt: skip
+    want = torch.full(shape, 7.0)
+    got = want.clone()
+    tile_conv_reference(want, [x], *args)
+    tile_conv_triton(got, [x], *args, blocks=BIG)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got == 7.0, want == 7.0)  # untouched pixels stay untouched
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_fused_concat_prologue_residual_and_capacity(dtype, atol):
+    """Two parts (a decoder's skip concat), norm + SiLU prologue, residual, padding rows."""
+    x, weight, bias, ts, shape, _ = _setup(cin=7, cout=5, dtype=dtype, seed=5)
+    g = torch.Generator().manual_seed(1)
+    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
+    weight = torch.cat([weight, torch.randn(5, 4, 3, 3, generator=g).to(dtype) / 6], dim=1)
+    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
+    shift = torch.randn(x.shape[0], 11, generator=g)
+    residual = torch.randn(shape, generator=g).to(dtype)
+    m = ts.out_corners.shape[0]
+    pad = torch.tensor([[-100, -100]] * 3, dtype=torch.int32)  # never read: rows past the count
+    in_c, out_c = torch.cat([ts.in_corners, pad]), torch.cat([ts.out_corners, pad])
+    count = torch.tensor([m], dtype=torch.int32)
+    args = ([x, x2], weight, bias, in_c, out_c, *ts.out_tile, [1, 1], [1, 1], scale, shift,
+            "silu", 0.01, residual, count)  # fmt: skip
+    want = torch.zeros(shape, dtype=dtype)
+    got = want.clone()
+    tile_conv_reference(want, *args)
+    tile_conv_triton(got, *args, check_values=False, blocks=BIG)
+    torch.testing.assert_close(got.float(), want.float(), rtol=atol, atol=atol)
+    # the same through the reference pieces: concat tiles, conv, add residual
+    xc = torch.cat([x, x2], 1).float()
+    dense = F.conv2d(F.silu(xc * scale[:, :, None, None] + shift[:, :, None, None]).to(dtype)
+                     .float(), weight.float(), bias.float(), 1, 1) + residual.float()  # fmt: skip
+    written = want[0, 0] != 0
+    torch.testing.assert_close(got.float()[:, :, written], dense[:, :, written], rtol=atol,
+                               atol=atol)  # fmt: skip
+
+
+def test_channels_last_maps_and_weights():
+    x, weight, bias, ts, shape, _ = _setup(cin=6, cout=7, seed=2)
+    args = (bias, ts.in_corners, ts.out_corners, *ts.out_tile, [1, 1], [1, 1])
+    want = torch.zeros(shape)
+    tile_conv_reference(want, [x], weight, *args)
+    cl = torch.channels_last
+    got = torch.zeros(shape).contiguous(memory_format=cl)
+    tile_conv_triton(got, [x.contiguous(memory_format=cl)], weight.contiguous(memory_format=cl),
+                     *args, blocks=BIG)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_may_be_out_itself():
+    x, weight, bias, ts, shape, _ = _setup(seed=4)
+    base = torch.randn(shape)
+    args = ([x], weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [1, 1], [1, 1])
+    want, got = base.clone(), base.clone()
+    tile_conv_reference(want, *args, residual=want)
+    tile_conv_triton(got, *args, residual=got, blocks=BIG)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_default_blocks_and_public_op():
+    x, weight, bias, ts, shape, _ = _setup(cin=4, cout=4, h=6, w=6, seed=6)
+    args = ([x], weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [1, 1], [1, 1])
+    want, got, op = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    tile_conv_reference(want, *args)
+    tile_conv_triton(got, *args)  # the launch heuristic's blocks
+    tile_conv(op, *args)  # CPU: the reference
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(op, want)
+    torch.library.opcheck(torch.ops.sigec.tile_conv.default, (torch.zeros(shape), *args),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+def _bad(**override):
+    x, weight, bias, ts, shape, _ = _setup(seed=7)
+    kw = dict(out=torch.zeros(shape), parts=[x], weight=weight, bias=bias,
+              in_corners=ts.in_corners, out_corners=ts.out_corners, tile_h=ts.out_tile[0],
+              tile_w=ts.out_tile[1], stride=[1, 1], dilation=[1, 1])  # fmt: skip
+    kw.update(override)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "override,exc,words",
+    [
+        (dict(weight=torch.zeros(6, 4, 3, 3)), ValueError, "weight: expected [Co=6, Ci=5"),
+        (dict(weight=torch.zeros(6, 5, 3, 3, dtype=torch.float16)), TypeError, "weight"),
+        (dict(parts=[torch.zeros(2, 5, 11, 9)] * 3), ValueError, "one or two input maps"),
+        (dict(parts=[torch.zeros(1, 5, 11, 9)]), ValueError, "parts[0]"),
+        (dict(bias=torch.zeros(3)), ValueError, "bias: expected [6]"),
+        (dict(stride=[0, 1]), ValueError, "stride"),
+        (dict(scale=torch.ones(2, 4)), ValueError, "scale: expected shape [N, C_in]"),
+        (dict(residual=torch.zeros(2, 6, 3, 3)), ValueError, "residual"),
+        (dict(in_corners=torch.zeros(1, 2, dtype=torch.int32)), ValueError, "same tiles"),
+        (dict(out_corners=torch.tensor([[90, 0]], dtype=torch.int32),
+              in_corners=torch.tensor([[0, 0]], dtype=torch.int32)), ValueError, "out of range"),
+    ],
+    ids=["weight-channels", "weight-dtype", "three-parts", "part-batch", "bias", "stride",
+         "scale", "residual", "corner-count", "corner-range"],
+)  # fmt: skip
+def test_bad_input_is_a_typed_error(override, exc, words):
+    with pytest.raises(exc) as e:
+        tile_conv(**_bad(**override))
+    assert words in str(e.value)
