@@ -5,8 +5,8 @@
 
 Per model, in one process on one card: dense eager and dense ``torch.compile(mode=
 "reduce-overhead")`` (median CUDA-event time after warm-up, compile time), and sigec edits for
-compact one-blob masks of 1.2 / 5 / 15 / 30 / 100 %, run eagerly and from CUDA graphs (and in bf16
-with ``--bf16``): median edit time, ratios to both dense baselines, PSNR against the dense model
+compact one-blob masks of 1.2 / 5 / 15 / 30 / 100 %, run from CUDA graphs (``--eager``: also
+without; ``--bf16``: also in bf16; ``--conv-ab``: also with the other conv kernel): median edit time, ratios to both dense baselines, PSNR against the dense model
 on the edited input (same dtype), max abs error outside the mask, executed MACs, cache bytes per
 slot, capture counts. At 1.2 % one edit of each variant is profiled: kernels launched, GPU busy
 time vs wall time, time per op class. Results are merged into ``--out`` (one entry per model), so
@@ -123,17 +123,22 @@ def run_model(name: str, args) -> dict:
                              True, not args.channels_last))  # fmt: skip
         if args.bf16:
             variants.append(("sigec-graphs-bf16", torch.bfloat16, True, args.channels_last))
-        for vname, vdtype, graphs, cl in variants:
+        other = "cudnn" if args.conv_kernel == "fused" else "fused"
+        variants = [(*v, args.conv_kernel) for v in variants]
+        if args.conv_ab:  # the other conv kernel too
+            variants.append((f"sigec-graphs-{other}", dtype, True, args.channels_last, other))
+        for vname, vdtype, graphs, cl, conv_kernel in variants:
             m, vin, vkw = (model, inputs, kwargs) if vdtype == dtype else build_on(
                 name, device, vdtype)  # fmt: skip
             config = sigec.SparseConfig(cuda_graphs=graphs, norm_stats=args.norm_stats,
-                                        channels_last=cl, **MODELS[name].sige_config)  # fmt: skip
+                                        channels_last=cl, conv_kernel=conv_kernel,
+                                        **MODELS[name].sige_config)  # fmt: skip
             t0 = time.perf_counter()
             engine = sigec.compile(m, vin, vkw, config=config)
             compile_s = time.perf_counter() - t0
             engine.record(*vin, **vkw)
             v = {"compile_s": round(compile_s, 1), "norm_stats": args.norm_stats,
-                 "channels_last": cl, "rows": []}  # fmt: skip
+                 "channels_last": cl, "conv_kernel": conv_kernel, "rows": []}  # fmt: skip
             vrest = vin[1:]
             for fraction, mask, x_edit, want in edits:
                 xe = x_edit.to(vdtype)
@@ -192,6 +197,9 @@ def main() -> None:
     p.add_argument("--nchw", dest="channels_last", action="store_false",
                    help="NCHW maps (default: channels-last, SparseConfig's default)")  # fmt: skip
     p.add_argument("--layout-ab", action="store_true", help="also run the other memory format")
+    p.add_argument("--conv-kernel", default="fused", choices=["fused", "cudnn"],
+                   help="SparseConfig.conv_kernel of the main variant")
+    p.add_argument("--conv-ab", action="store_true", help="also run the other conv kernel")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
     args = p.parse_args()

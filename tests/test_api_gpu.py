@@ -88,3 +88,19 @@ def test_the_cost_model_picks_the_faster_graph_and_stays_correct():
         times = list(runner.timings.values())[-1]
         assert engine.stats()["ran_dense"] == (times["dense"] < times["sparse"])
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["ddpm-tiny", "sd15-unet-tiny", "gaugan-tiny"])
+def test_fused_and_cudnn_conv_kernels_agree(name):
+    model, args, kwargs = build_on(name, "cuda", torch.float16)
+    outs = []
+    for kernel in ("fused", "cudnn"):
+        config = sigec.SparseConfig(**MODELS[name].sige_config, cuda_graphs=True,
+                                    cost_model=False, conv_kernel=kernel)  # fmt: skip
+        engine = sigec.compile(model, args, kwargs, config=config)
+        engine.record(*args, **kwargs)
+        x = args[0]
+        xe = apply_edit(x.cpu().float(), edit_masks(*x.shape[-2:])["blob"], seed=2).to(x)
+        out = engine.edit(xe, *args[1:], **kwargs)
+        outs.append(getattr(out, "sample", out).float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

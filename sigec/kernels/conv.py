@@ -64,39 +64,39 @@ def _accumulate_part(
 ):  # fmt: skip
     """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight)."""
     offs_k = tl.arange(0, BLOCK_K)
-    for ky in range(0, KH):
+    ncb = tl.cdiv(C, BLOCK_K)
+    # one flat loop over (tap, channel block), so the compiler pipelines all of it
+    for i in range(0, KH * KW * ncb):
+        tap = i // ncb
+        c = (i % ncb) * BLOCK_K + offs_k
+        ky = tap // KW
+        kx = tap % KW
         y = iy + ky * DIL_H
-        for kx in range(0, KW):
-            x = ix + kx * DIL_W
-            inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-            base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
-            w_base = w_ptr + ky * stride_wh + kx * stride_ww
-            for c0 in range(0, C, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < C
-                a = tl.load(base[:, None] + c[None, :] * stride_xc,
-                            mask=inside[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
-                if HAS_SCALE or HAS_SHIFT or ACT != 0:
-                    v = a.to(tl.float32)
-                    cc = (C_OFF + c)[None, :]
-                    if HAS_SCALE:
-                        s = tl.load(scale_ptr + n[:, None] * stride_sn + cc * stride_sc,
-                                    mask=c_ok[None, :], other=0.0)  # fmt: skip
-                        v = v * s.to(tl.float32)
-                    if HAS_SHIFT:
-                        b = tl.load(shift_ptr + n[:, None] * stride_bn + cc * stride_bc,
-                                    mask=c_ok[None, :], other=0.0)  # fmt: skip
-                        v = v + b.to(tl.float32)
-                    v = _activate(v, slope, ACT)
-                    v = tl.where(inside[:, None] & c_ok[None, :], v, 0.0)
-                    a = v.to(x_ptr.dtype.element_ty)
-                wt = tl.load(w_base + (C_OFF + c)[:, None] * stride_wc
-                             + offs_n[None, :] * stride_wo,
-                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
-                if IEEE:
-                    acc += tl.dot(a, wt, input_precision="ieee")
-                else:
-                    acc += tl.dot(a, wt)
+        x = ix + kx * DIL_W
+        inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        c_ok = c < C
+        base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
+        a = tl.load(base[:, None] + c[None, :] * stride_xc,
+                    mask=inside[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
+        if HAS_SCALE or HAS_SHIFT or ACT != 0:
+            v = a.to(tl.float32)
+            cc = C_OFF + c
+            if HAS_SCALE:  # one sample per program: a channel vector
+                s = tl.load(scale_ptr + n * stride_sn + cc * stride_sc, mask=c_ok, other=0.0)
+                v = v * s.to(tl.float32)[None, :]
+            if HAS_SHIFT:
+                b = tl.load(shift_ptr + n * stride_bn + cc * stride_bc, mask=c_ok, other=0.0)
+                v = v + b.to(tl.float32)[None, :]
+            v = _activate(v, slope, ACT)
+            v = tl.where(inside[:, None] & c_ok[None, :], v, 0.0)
+            a = v.to(x_ptr.dtype.element_ty)
+        w_base = w_ptr + ky * stride_wh + kx * stride_ww
+        wt = tl.load(w_base + (C_OFF + c)[:, None] * stride_wc + offs_n[None, :] * stride_wo,
+                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)  # fmt: skip
+        if IEEE:
+            acc += tl.dot(a, wt, input_precision="ieee")
+        else:
+            acc += tl.dot(a, wt)
     return acc
 
 
@@ -123,22 +123,21 @@ def _tile_conv_kernel(
     ACT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # -- rows are output pixels, ordered (tile m, sample n, pixel p): real tiles come first
+    # -- rows are the output pixels (tile m, pixel p) of sample n: real tiles come first
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
     P = TILE_H * TILE_W
     active = M
     if HAS_COUNT:
         active = tl.load(count_ptr)
-    rows = active * NB * P
+    rows = active * P
     if pid_m * BLOCK_M >= rows:
         return  # capacity padding: nothing to compute
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < rows
-    t = r // P
+    m = r // P
     p = r % P
-    m = t // NB
-    n = (t % NB).to(tl.int64)
     dy = p // TILE_W
     dx = p % TILE_W
     oy = tl.load(out_c_ptr + 2 * m, mask=row_ok, other=0) + dy
@@ -177,10 +176,10 @@ def _tile_conv_kernel(
     ox64 = ox.to(tl.int64)[:, None]
     co64 = offs_n.to(tl.int64)[None, :]
     if HAS_RESIDUAL:
-        r_src = res_ptr + n[:, None] * stride_rn + co64 * stride_rc + oy64 * stride_rh
+        r_src = res_ptr + n * stride_rn + co64 * stride_rc + oy64 * stride_rh
         res = tl.load(r_src + ox64 * stride_rw, mask=mask, other=0.0)
         acc += res.to(tl.float32)
-    dst = out_ptr + n[:, None] * stride_on + co64 * stride_oc + oy64 * stride_oh
+    dst = out_ptr + n * stride_on + co64 * stride_oc + oy64 * stride_oh
     tl.store(dst + ox64 * stride_ow, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -225,8 +224,8 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
     block follows the channel count (UNet channel counts are multiples of 32).
     """
     block_k = 64 if c_in >= 64 else max(16, triton.next_power_of_2(c_in))
-    block_n = 128 if c_out >= 128 and rows >= 4096 else 64 if c_out >= 64 else 32
-    block_m = 128 if rows >= 16384 else 64
+    block_n = 128 if c_out >= 128 and rows >= 8192 else 64 if c_out >= 64 else 32
+    block_m = 32 if rows <= 4096 else 64 if rows <= 32768 else 128
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return block_m, block_n, block_k, num_warps, 3
 
@@ -254,7 +253,7 @@ def tile_conv_triton(
     if rows == 0 or co == 0:
         return
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
-    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn))
+    grid = (triton.cdiv(m * tile_h * tile_w, bm), triton.cdiv(co, bn), nb)
     dummy = in_corners  # stands in for absent optional pointers (never read)
     _tile_conv_kernel[grid](
         out, x1, x2, weight, bias if bias is not None else dummy,

@@ -9,6 +9,7 @@ from sigec.kernels import (
     gather_reference,
     restore_reference,
     scatter_reference,
+    tile_conv_reference,
 )
 from sigec.runtime.masks import active_tiles, blob_mask
 from tests.kernels.cases import TILE_CASES, corners_tensor
@@ -94,3 +95,39 @@ def test_sparse_conv_on_cuda_without_host_sync(dtype, atol, rtol):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(out[:, :, mask], dense[:, :, mask], atol=atol * 10, rtol=rtol * 10)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
+@pytest.mark.parametrize("c1, c2, co, k, stride", [(64, 0, 128, 3, 1), (96, 64, 64, 3, 1),
+                                                   (128, 0, 64, 1, 1), (32, 0, 48, 3, 2)])
+def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol, rtol):
+    """Fused tile conv with the launch heuristic's blocks, channels-last, capacity padding, a
+    norm + SiLU prologue and a residual; no host sync."""
+    cl = torch.channels_last
+    parts = [torch.randn(2, c, 40, 36) for c in (c1, c2) if c]
+    weight = torch.randn(co, c1 + c2, k, k) / ((c1 + c2) * k * k) ** 0.5
+    bias = torch.randn(co)
+    scale, shift = torch.rand(2, c1 + c2) + 0.5, torch.randn(2, c1 + c2)
+    ho, wo = (40 + 2 * (k // 2) - k) // stride + 1, (36 + 2 * (k // 2) - k) // stride + 1
+    residual = torch.randn(2, co, ho, wo)
+    mask = blob_mask(ho, wo, 0.1, seed=1)
+    tiles = active_tiles(mask, k, stride, k // 2, 6, capacity=64)
+    args = (weight, bias, tiles.in_corners, tiles.out_corners, *tiles.out_tile, [stride] * 2,
+            [1, 1], scale, shift, "silu", 0.01, residual, tiles.num_active)  # fmt: skip
+    want = torch.zeros(2, co, ho, wo)
+    tile_conv_reference(want, [p.to(dtype).float() for p in parts],
+                        *[a.to(dtype).float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                          else a for a in args])  # fmt: skip
+    g = lambda a: a.to(dtype).cuda() if a.is_floating_point() else a.cuda()  # noqa: E731
+    got = torch.zeros(2, co, ho, wo, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    gargs = [g(a) if isinstance(a, torch.Tensor) else a for a in args]
+    gargs[0] = gargs[0].contiguous(memory_format=cl)
+    gparts = [g(p).contiguous(memory_format=cl) for p in parts]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.sigec.tile_conv(got, gparts, *gargs, check_values=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
