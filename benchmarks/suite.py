@@ -123,7 +123,7 @@ def run_model(name: str, args) -> dict:
                              True, not args.channels_last))  # fmt: skip
         if args.bf16:
             variants.append(("sigec-graphs-bf16", torch.bfloat16, True, args.channels_last))
-        other = "cudnn" if args.conv_kernel == "fused" else "fused"
+        other = "cudnn" if args.conv_kernel != "cudnn" else "auto"
         variants = [(*v, args.conv_kernel) for v in variants]
         if args.conv_ab:  # the other conv kernel too
             variants.append((f"sigec-graphs-{other}", dtype, True, args.channels_last, other))
@@ -197,7 +197,7 @@ def main() -> None:
     p.add_argument("--nchw", dest="channels_last", action="store_false",
                    help="NCHW maps (default: channels-last, SparseConfig's default)")  # fmt: skip
     p.add_argument("--layout-ab", action="store_true", help="also run the other memory format")
-    p.add_argument("--conv-kernel", default="fused", choices=["fused", "cudnn"],
+    p.add_argument("--conv-kernel", default="auto", choices=["auto", "fused", "cudnn"],
                    help="SparseConfig.conv_kernel of the main variant")
     p.add_argument("--conv-ab", action="store_true", help="also run the other conv kernel")
     p.add_argument("--repeat", type=int, default=20)

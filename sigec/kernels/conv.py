@@ -218,16 +218,16 @@ def tile_conv_reference(
 
 
 def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a tile conv.
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a tile conv; ``rows`` per sample.
 
-    Few rows (small edits) want small BLOCK_M so more programs spread over the SMs; the channel
-    block follows the channel count (UNet channel counts are multiples of 32).
+    From the block search of ``benchmarks/conv_kernels.py`` (NVIDIA H100, fp16; results in
+    docs/results.md): BLOCK_N 64, BLOCK_M growing with the rows (few rows: small blocks, so more
+    programs share the SMs); the channel block follows the channel count.
     """
+    del c_out
     block_k = 64 if c_in >= 64 else max(16, triton.next_power_of_2(c_in))
-    block_n = 128 if c_out >= 128 and rows >= 8192 else 64 if c_out >= 64 else 32
-    block_m = 32 if rows <= 4096 else 64 if rows <= 32768 else 128
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, block_k, num_warps, 3
+    block_m = 32 if rows < 512 else 64 if rows < 16384 else 128
+    return block_m, 64, block_k, 4, 3
 
 
 def tile_conv_triton(
@@ -249,11 +249,11 @@ def tile_conv_triton(
     x2 = parts[1] if len(parts) > 1 else parts[0]
     c1, c2 = x1.shape[1], (parts[1].shape[1] if len(parts) > 1 else 0)
     _, _, h, w = x1.shape
-    rows = nb * m * tile_h * tile_w
-    if rows == 0 or co == 0:
+    rows = m * tile_h * tile_w  # per sample
+    if rows == 0 or co == 0 or nb == 0:
         return
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
-    grid = (triton.cdiv(m * tile_h * tile_w, bm), triton.cdiv(co, bn), nb)
+    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn), nb)
     dummy = in_corners  # stands in for absent optional pointers (never read)
     _tile_conv_kernel[grid](
         out, x1, x2, weight, bias if bias is not None else dummy,

@@ -106,8 +106,9 @@ def sparse_conv2d(
 
     Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
     batch uses padding 0. ``x`` may be a list of maps: their channel concatenation, which is then
-    only ever built tile by tile. ``kernel="fused"`` runs all of it as one ``tile_conv`` launch
-    (Triton implicit GEMM; groups = 1 and at most two concatenated inputs, else the cuDNN path).
+    only ever built tile by tile. ``kernel`` is ``SparseConfig.conv_kernel``: "fused" runs all of
+    it as one ``tile_conv`` launch (Triton implicit GEMM; groups = 1 and at most two concatenated
+    inputs, else the cuDNN path), "auto" does so for convs without a prologue.
     """
     ts = tiles[tile_key]
     out = state.work(name)
@@ -117,7 +118,8 @@ def sparse_conv2d(
             f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
-    if kernel == "fused" and groups == 1 and len(parts) <= 2:
+    plain = scale is None and shift is None and act == "identity"
+    if (kernel == "fused" or (kernel == "auto" and plain)) and groups == 1 and len(parts) <= 2:
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
                   ts.num_active, check_values=False)  # fmt: skip
