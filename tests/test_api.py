@@ -471,7 +471,8 @@ def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
 
     model, args, kwargs = _tiny(name)
     base = dict(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
-    fused = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base))
+    fused = sigec.compile(model, args, kwargs,
+                          config=sigec.SparseConfig(**base, conv_kernel="fused"))  # fmt: skip
     cudnn = sigec.compile(model, args, kwargs,
                           config=sigec.SparseConfig(**base, conv_kernel="cudnn"))  # fmt: skip
     for e in (fused, cudnn):
