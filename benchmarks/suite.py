@@ -125,20 +125,26 @@ def run_model(name: str, args) -> dict:
             variants.append(("sigec-graphs-bf16", torch.bfloat16, True, args.channels_last))
         other = "cudnn" if args.conv_kernel != "cudnn" else "auto"
         variants = [(*v, args.conv_kernel) for v in variants]
+        variants = [(*v, {}) for v in variants]
         if args.conv_ab:  # the other conv kernel too
-            variants.append((f"sigec-graphs-{other}", dtype, True, args.channels_last, other))
-        for vname, vdtype, graphs, cl, conv_kernel in variants:
+            variants.append((f"sigec-graphs-{other}", dtype, True, args.channels_last, other, {}))
+        for extra in args.also:  # a SparseConfig override, e.g. dense_regions=eager
+            key, _, value = extra.partition("=")
+            variants.append((f"sigec-graphs-{key}={value}", dtype, True, args.channels_last,
+                             args.conv_kernel, {key: value}))  # fmt: skip
+        for vname, vdtype, graphs, cl, conv_kernel, override in variants:
             m, vin, vkw = (model, inputs, kwargs) if vdtype == dtype else build_on(
                 name, device, vdtype)  # fmt: skip
             config = sigec.SparseConfig(cuda_graphs=graphs, norm_stats=args.norm_stats,
                                         channels_last=cl, conv_kernel=conv_kernel,
-                                        **MODELS[name].sige_config)  # fmt: skip
+                                        **{**MODELS[name].sige_config, **override})  # fmt: skip
             t0 = time.perf_counter()
             engine = sigec.compile(m, vin, vkw, config=config)
             compile_s = time.perf_counter() - t0
             engine.record(*vin, **vkw)
             v = {"compile_s": round(compile_s, 1), "norm_stats": args.norm_stats,
-                 "channels_last": cl, "conv_kernel": conv_kernel, "rows": []}  # fmt: skip
+                 "channels_last": cl, "conv_kernel": conv_kernel, "override": override,
+                 "rows": []}  # fmt: skip
             vrest = vin[1:]
             for fraction, mask, x_edit, want in edits:
                 xe = x_edit.to(vdtype)
@@ -200,6 +206,8 @@ def main() -> None:
     p.add_argument("--conv-kernel", default="auto", choices=["auto", "fused", "cudnn"],
                    help="SparseConfig.conv_kernel of the main variant")
     p.add_argument("--conv-ab", action="store_true", help="also run the other conv kernel")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                   help="also run a variant with this string SparseConfig field changed")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
     args = p.parse_args()

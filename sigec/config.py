@@ -66,6 +66,10 @@ class SparseConfig:
             without a prologue and 1.5-7x slower with one, which it recomputes for every tap;
             docs/results.md). Convs with groups > 1 or more than two concatenated inputs always
             take the cuDNN path. On the CPU all run the same PyTorch reference.
+        dense_regions: how the edit graph's dense parts (runs of plain ATen ops: resolutions below
+            ``sparse_min_resolution``, global ops, fallbacks) run on CUDA: "inductor" (each run
+            compiled once, on the first edit: fused norms and pointwise ops, no layout
+            conversions) or "eager". On the CPU they run eagerly.
     """
 
     mask_policy: str = "truncated"
@@ -84,6 +88,7 @@ class SparseConfig:
     channels_last: bool = True
     fit_tiles: bool = False
     conv_kernel: str = "auto"
+    dense_regions: str = "inductor"
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -100,6 +105,10 @@ class SparseConfig:
         if self.dense_backend not in ("inductor", "eager"):
             raise ValueError(
                 f"dense_backend: expected 'inductor' or 'eager', got {self.dense_backend!r}"
+            )
+        if self.dense_regions not in ("inductor", "eager"):
+            raise ValueError(
+                f"dense_regions: expected 'inductor' or 'eager', got {self.dense_regions!r}"
             )
         if self.conv_kernel not in CONV_KERNELS:
             raise ValueError(

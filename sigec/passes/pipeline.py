@@ -17,6 +17,7 @@ from sigec.errors import CaptureError
 from sigec.passes import rewrite as rw
 from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
 from sigec.passes.capture import capture
+from sigec.passes.regions import group_dense_regions
 from sigec.passes.tokens import tokens_to_maps
 from sigec.runtime import ops
 from sigec.runtime.program import MacEntry, Program
@@ -40,7 +41,8 @@ PIPELINE = (
     rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
     rw.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
     rw.eliminate_dead_code,  # drops the subgraphs the passes above made unused
-    rw.hoist_invariants,  # last: arithmetic on cached values -> computed once at record
+    rw.hoist_invariants,  # arithmetic on cached values -> computed once at record
+    group_dense_regions,  # last: what is still plain ATen runs dense; runs -> compiled regions
 )
 
 

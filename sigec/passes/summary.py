@@ -17,6 +17,7 @@ from sigec.config import SparseConfig
 from sigec.models.configs import TINY_MODELS
 from sigec.passes.pipeline import build_program
 from sigec.runtime.engine import SparseEngine
+from sigec.runtime.dense import DenseRegion
 from sigec.runtime.masks import blob_mask
 
 SUMMARY_MODELS = TINY_MODELS
@@ -25,10 +26,12 @@ SUMMARY_MODELS = TINY_MODELS
 def summarize(engine: SparseEngine, mask: torch.Tensor) -> dict:
     """Counts of runtime ops in the edit graph, dense fallbacks by (op, reason), pass counters,
     and active tiles per tile list for one edit with ``mask`` (the engine must hold a record)."""
+    nodes = list(engine.edit_gm.graph.nodes)
+    for mod in engine.edit_gm.modules():  # ops inside dense regions count too
+        if isinstance(mod, DenseRegion):
+            nodes += mod.ops()
     ops = collections.Counter(
-        getattr(n.target, "__name__", str(n.target))
-        for n in engine.edit_gm.graph.nodes
-        if n.op == "call_function"
+        getattr(n.target, "__name__", str(n.target)) for n in nodes if n.op == "call_function"
     )
     fallbacks = collections.Counter(f"{op}: {why}" for _, op, why in engine.program.fallbacks)
     return {

@@ -244,3 +244,33 @@ def test_hoisted_invariants_leave_the_edit_graph_and_are_recorded():
     engine.record(*args)
     buffers = dict(engine.slots["0"].named_buffers())
     assert all(f"static__{name}" in buffers for name in prog.hoisted)
+
+
+def test_dense_regions_group_the_dense_part_and_keep_the_result():
+    """DDPM's low resolutions run dense: the pass moves them (with the dense attention block's
+    map functions) into one region, runtime ops stay outside, and the edit is bit-identical to
+    the pipeline without the pass (on the CPU regions run eagerly)."""
+    from sigec.models.configs import MODELS, build
+    from sigec.passes.regions import group_dense_regions
+    from sigec.runtime.dense import DenseRegion
+
+    model, args, kwargs = build("ddpm-tiny", seed=0)
+    config = sigec.SparseConfig(**MODELS["ddpm-tiny"].sige_config)
+    x = apply_edit(args[0], edit_masks(*args[0].shape[-2:])["blob"])
+    outs = []
+    for passes in (PIPELINE, tuple(p for p in PIPELINE if p is not group_dense_regions)):
+        engine = SparseEngine(build_program(model, args, kwargs, config, passes), config)
+        engine.record(*args, **kwargs)
+        outs.append(engine.edit(x, *args[1:], **kwargs).sample)
+        regions = [m for m in engine.edit_gm.modules() if isinstance(m, DenseRegion)]
+        assert (len(regions) > 0) == (passes is PIPELINE)
+        for region in regions:
+            targets = {n.target for n in region.ops()}
+            assert not targets & set(rw.RUNTIME_MAP_OPS)  # only stateless dense work
+            assert torch.ops.aten.group_norm.default in targets or len(region.ops()) >= 4
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_short_runs_stay_in_the_edit_graph():
+    counters = _counters(_ReflectPad().eval(), (torch.randn(1, 3, 12, 12),), TRUNC)
+    assert counters["dense_fallbacks"] == 1 and counters["dense_regions"] == 0
