@@ -70,6 +70,10 @@ class SparseConfig:
             ``sparse_min_resolution``, global ops, fallbacks) run on CUDA: "inductor" (each run
             compiled once, on the first edit: fused norms and pointwise ops, no layout
             conversions) or "eager". On the CPU they run eagerly.
+        tile_expressions: how multi-op expressions on tiles (a SPADE modulation, a transformer
+            block's feed-forward: ``tile_op`` with a GraphModule) run on CUDA: "inductor" (one
+            compile per expression, dynamic in the tile count: its pointwise ops become one
+            kernel) or "eager". On the CPU they run eagerly.
     """
 
     mask_policy: str = "truncated"
@@ -89,6 +93,7 @@ class SparseConfig:
     fit_tiles: bool = False
     conv_kernel: str = "auto"
     dense_regions: str = "inductor"
+    tile_expressions: str = "inductor"
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -106,10 +111,11 @@ class SparseConfig:
             raise ValueError(
                 f"dense_backend: expected 'inductor' or 'eager', got {self.dense_backend!r}"
             )
-        if self.dense_regions not in ("inductor", "eager"):
-            raise ValueError(
-                f"dense_regions: expected 'inductor' or 'eager', got {self.dense_regions!r}"
-            )
+        for knob in ("dense_regions", "tile_expressions"):
+            if getattr(self, knob) not in ("inductor", "eager"):
+                raise ValueError(
+                    f"{knob}: expected 'inductor' or 'eager', got {getattr(self, knob)!r}"
+                )
         if self.conv_kernel not in CONV_KERNELS:
             raise ValueError(
                 f"conv_kernel: expected one of {CONV_KERNELS}, got {self.conv_kernel!r}"

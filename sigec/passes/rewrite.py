@@ -452,10 +452,12 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         key = ctx.request(name, info(node).resolution)
         for member in group:
             ctx.op_tiles[orig_name(member)] = key
+        compiled = False
         if len(group) == 1:  # a single op: call it directly
             fn = ops.TILE_FUNCTIONS_BY_FN.get(node.target, node.target)  # codegen needs a name
             args, kwargs = node.args, dict(node.kwargs)
         else:
+            compiled = ctx.config.tile_expressions == "inductor"
             attr = f"_sigec_expr_{name}"
             gm.add_submodule(attr, _expression_module(gm, group, leaves))
             with gm.graph.inserting_before(node):
@@ -465,7 +467,7 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         flags = (pytree.tree_map(is_map, args), pytree.tree_map(is_map, kwargs))
         new = _replace_with(gm, node, ops.tile_op,
                             (ctx.state, ctx.tiles, fn, args, kwargs, flags),
-                            {"name": name, "tile_key": key})  # fmt: skip
+                            {"name": name, "tile_key": key, "compiled": compiled})  # fmt: skip
         ctx.add_map(name, new)
         changed += 1
     ctx.bump("tile_ops", changed)

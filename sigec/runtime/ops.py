@@ -141,13 +141,18 @@ def sparse_conv2d(
     return out
 
 
-def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str) -> torch.Tensor:
+def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
+            compiled: bool = False) -> torch.Tensor:  # fmt: skip
     """Run ``fn`` on tiles: gather every map operand (``flags`` marks them), scatter the result.
 
-    ``fn`` is an ATen op, or the name of a function of this module (``TILE_FUNCTIONS``).
-    Non-map tensor operands that carry the batch (``[N, ...]`` with N > 1) are repeated per tile.
+    ``fn`` is an ATen op, the name of a function of this module (``TILE_FUNCTIONS``) or an
+    expression (a GraphModule). Non-map tensor operands that carry the batch (``[N, ...]`` with
+    N > 1) are repeated per tile. ``compiled``: on CUDA, run ``fn`` compiled by inductor.
     """
     fn = TILE_FUNCTIONS.get(fn, fn) if isinstance(fn, str) else fn
+    out_is_cuda = state.work(name).is_cuda
+    if compiled and out_is_cuda:
+        fn = _compiled_expression(fn)
     ts = tiles[tile_key]
     out = state.work(name)
     n = out.shape[0]
@@ -171,6 +176,16 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str) 
             num_active=ts.num_active, check_values=False)  # fmt: skip
     state.note_written(name, ts)
     return out
+
+
+def _compiled_expression(fn):
+    """``torch.compile(fn)``, kept on the expression module (compiled on first use; a new tile
+    count recompiles once, after which the count is a dynamic dimension)."""
+    compiled = fn.__dict__.get("_sigec_compiled")
+    if compiled is None:
+        compiled = torch.compile(fn, fullgraph=True)
+        object.__setattr__(fn, "_sigec_compiled", compiled)  # not a registered submodule
+    return compiled
 
 
 def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile_key: str):
