@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from sigec.kernels import restore
-from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts
+from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts, tile_grids
 
 
 def entry_key(entry: _Entry) -> tuple:
@@ -87,6 +87,7 @@ class GraphedEdits:
         self.timings: dict[tuple, dict] = {}  # capacities -> measured ms of both
         self.dense: _Entry | None = None
         self.count_graph, self.count_out = None, None
+        self.masks: tuple[dict, dict] = ({}, {})  # this edit's masks and tile grids
         self.dense_fn = engine.dense_callable()  # what the cost model's dense path runs
         self.ran_dense = False
 
@@ -94,9 +95,8 @@ class GraphedEdits:
 
     def _body(self, caps: dict, restore_caps: dict) -> tuple[list, TileTable]:
         prog, state = self.program, self.state
-        masks = edit_masks(prog, self.static_mask, self.config.mask_threshold,
-                           self.config.mask_level_dilation)  # fmt: skip
-        tiles = TileTable(prog, masks, capacities=caps)
+        masks, grids = self.masks  # computed by the count graph of this edit (static tensors)
+        tiles = TileTable(prog, masks, capacities=caps, grids=grids)
         for name in self.maps:  # undo the previous edit: as many rows as it had
             key = self.map_key[name]
             rows = restore_caps[key]
@@ -159,20 +159,24 @@ class GraphedEdits:
             return self.dense.outs
         return list(self.dense_fn(*self.static_inputs))
 
-    def _count_body(self) -> torch.Tensor:
+    def _count_body(self) -> tuple[torch.Tensor, tuple[dict, dict]]:
         masks = edit_masks(self.program, self.static_mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
-        return tile_counts(self.program, masks, self.keys)
+        grids = tile_grids(self.program, masks, self.keys)
+        return tile_counts(self.program, grids, self.keys), (masks, grids)
 
     def _counts(self) -> torch.Tensor:
-        """Active tiles per list, from a small graph of its own on CUDA (one replay)."""
+        """Active tiles per list, from a small graph of its own on CUDA (one replay). Its masks
+        and tile grids stay in ``self.masks`` for the edit graph, which does not recompute them
+        (the graph's outputs are static tensors, alive as long as this object)."""
         if self.pool is None:
-            return self._count_body()
+            counts, self.masks = self._count_body()
+            return counts
         if self.count_graph is None:
             self._warm_up(self._count_body)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.count_out = self._count_body()
+                self.count_out, self.masks = self._count_body()
             self.count_graph = graph
         self.count_graph.replay()
         return self.count_out

@@ -75,6 +75,20 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return out[0] if squeeze else out
 
 
+def _area_and_footprint(src: torch.Tensor, h: int, w: int):
+    """Box-filter mean and max of ``src [B, 1, H, W]`` down to ``h x w``.
+
+    For integer factors these are plain reductions over a reshape (what adaptive pooling computes,
+    with the same sums of 0/1 values: exact), which run well parallelised on a GPU; the adaptive
+    pools loop over each large window in one thread.
+    """
+    b, _, hh, ww = src.shape
+    if hh % h == 0 and ww % w == 0:
+        blocks = src.reshape(b, 1, h, hh // h, w, ww // w)
+        return blocks.mean(dim=(3, 5)), blocks.amax(dim=(3, 5))
+    return F.interpolate(src, size=(h, w), mode="area"), F.adaptive_max_pool2d(src, (h, w))
+
+
 def downsample_mask(
     mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.3, dilation: int = 1
 ) -> torch.Tensor:
@@ -107,9 +121,9 @@ def downsample_mask(
         # coverage: the share of each target pixel's footprint that is masked (area resampling,
         # i.e. antialiased downsampling with a box filter; the bilinear-antialias kernel of
         # torch fails on CUDA for large factors)
-        cover = F.interpolate(src, size=(h, w), mode="area")
+        cover, footprint = _area_and_footprint(src, h, w)
         out = cover[:, 0] > threshold
-        footprint = F.adaptive_max_pool2d(src, (h, w))[:, 0] > 0
+        footprint = footprint[:, 0] > 0
         lost = m.flatten(1).any(1) & ~out.flatten(1).any(1)  # [B], stays on the device
         out = torch.where(lost[:, None, None], footprint, out)
     out = dilate(out, dilation)
@@ -173,8 +187,9 @@ def tile_grid(mask: torch.Tensor, tile) -> torch.Tensor:
     m = _as_batched(mask).any(dim=0)  # [Ho, Wo]
     ho, wo = m.shape
     gh, gw = math.ceil(ho / bh), math.ceil(wo / bw)
-    grid = F.max_pool2d(m[None, None].float(), (bh, bw), (bh, bw), ceil_mode=True)[0, 0] > 0
-    return grid[:gh, :gw]
+    if (gh * bh, gw * bw) != (ho, wo):  # zero rows / columns up to whole tiles
+        m = F.pad(m, (0, gw * bw - wo, 0, gh * bh - ho))
+    return m.reshape(gh, bh, gw, bw).any(dim=(1, 3))
 
 
 def active_tiles(
@@ -216,10 +231,11 @@ def active_tiles(
     return tiles_at(idx, count, (kh, kw), (sh, sw), (ph, pw), (bh, bw))
 
 
-def tile_indices(mask: torch.Tensor, tile, capacity: int | None = None):
+def tile_indices(mask: torch.Tensor, tile, capacity: int | None = None, grid=None):
     """``(idx, count)``: int32 ``[M, 2]`` grid coordinates of the active tiles in raster order and
-    the device-side count (None for exact lists; with ``capacity`` the rows past it are padding)."""
-    grid = tile_grid(mask, tile)
+    the device-side count (None for exact lists; with ``capacity`` the rows past it are padding).
+    ``grid``: ``tile_grid(mask, tile)`` if the caller already has it."""
+    grid = tile_grid(mask, tile) if grid is None else grid
     gw = grid.shape[1]
     if capacity is None:
         return grid.nonzero().to(torch.int32), None  # host sync: M is data-dependent

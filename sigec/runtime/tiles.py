@@ -72,9 +72,10 @@ class TileTable:
     """
 
     def __init__(self, program: Program, masks: dict, pad_to_grid: bool = False,
-                 capacities: dict[str, int] | None = None):  # fmt: skip
+                 capacities: dict[str, int] | None = None, grids: dict | None = None):  # fmt: skip
         self.program = program
         self.masks = masks
+        self.grids = grids or {}  # (mask key, tile) -> tile_grid, where already computed
         self.pad_to_grid = pad_to_grid
         self.capacities = capacities  # fixed list sizes per key (CUDA graphs' buckets)
         self._sets: dict[str, TileSet] = {}
@@ -97,7 +98,8 @@ class TileTable:
         # their input corners)
         ikey = (req.mask, req.tile, capacity)
         if ikey not in self._indices:
-            idx, count = tile_indices(mask, req.tile, capacity)
+            idx, count = tile_indices(mask, req.tile, capacity, self.grids.get(req.mask, {})
+                                      .get(req.tile))  # fmt: skip
             self._indices[ikey] = tiles_at(idx, count, (1, 1), (1, 1), (0, 0), req.tile)
         base = self._indices[ikey]  # out corners are shared; in corners follow the geometry
         th, tw = req.tile
@@ -120,11 +122,21 @@ def grid_size(req: TileRequest, res) -> int:
     return -(-int(res[0]) // req.tile[0]) * -(-int(res[1]) // req.tile[1])
 
 
-def tile_counts(program: Program, masks: dict, keys) -> torch.Tensor:
-    """int64 ``[len(keys)]`` on the masks' device: active tiles of each tile list (no sync)."""
-    counts = [tile_grid(masks[program.tile_requests[k].mask], program.tile_requests[k].tile).sum()
-              for k in keys]  # fmt: skip
-    return torch.stack(counts)
+def tile_grids(program: Program, masks: dict, keys) -> dict:
+    """``{mask key: {tile: tile_grid}}`` for the tile lists ``keys`` (each grid once)."""
+    grids: dict = {}
+    for k in keys:
+        req = program.tile_requests[k]
+        per_mask = grids.setdefault(req.mask, {})
+        if req.tile not in per_mask:
+            per_mask[req.tile] = tile_grid(masks[req.mask], req.tile)
+    return grids
+
+
+def tile_counts(program: Program, grids: dict, keys) -> torch.Tensor:
+    """int64 ``[len(keys)]`` on the grids' device: active tiles of each tile list (no sync)."""
+    reqs = [program.tile_requests[k] for k in keys]
+    return torch.stack([grids[r.mask][r.tile].sum() for r in reqs])
 
 
 def edit_masks(program: Program, input_mask: torch.Tensor, threshold: float, dilation: int):

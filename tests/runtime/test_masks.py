@@ -159,3 +159,27 @@ def test_blob_mask_extremes_and_errors():
     assert blob_mask(64, 64, 1e-6).sum() >= 1
     with pytest.raises(ValueError, match="num_blobs"):
         blob_mask(8, 8, 0.1, num_blobs=4)
+
+
+@pytest.mark.parametrize("size", [(8, 16), (32, 64), (5, 7)], ids=["int-8", "int-32", "ragged"])
+def test_block_reductions_equal_adaptive_pools(size):
+    """The reshape-reduction path of the mask pyramid equals the adaptive pools it replaces."""
+    import torch.nn.functional as F
+
+    from sigec.runtime.masks import _area_and_footprint
+
+    src = (torch.rand(2, 1, 64, 128) > 0.7).float()
+    cover, foot = _area_and_footprint(src, *size)
+    assert torch.equal(cover, F.interpolate(src, size=size, mode="area"))
+    assert torch.equal(foot, F.adaptive_max_pool2d(src, size))
+
+
+def test_tile_grid_equals_ceil_max_pool():
+    import torch.nn.functional as F
+
+    from sigec.runtime.masks import tile_grid
+
+    for h, w in ((12, 18), (13, 17)):
+        m = torch.rand(h, w) > 0.9
+        want = F.max_pool2d(m[None, None].float(), 6, 6, ceil_mode=True)[0, 0] > 0
+        assert torch.equal(tile_grid(m, 6), want)
