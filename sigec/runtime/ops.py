@@ -118,8 +118,7 @@ def sparse_conv2d(
             f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
-    plain = scale is None and shift is None and act == "identity"
-    if (kernel == "fused" or (kernel == "auto" and plain)) and groups == 1 and len(parts) <= 2:
+    if _use_fused(kernel, scale, shift, act, weight) and groups == 1 and len(parts) <= 2:
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
                   ts.num_active, check_values=False)  # fmt: skip
@@ -139,6 +138,22 @@ def sparse_conv2d(
             check_values=False)  # fmt: skip
     state.note_written(name, ts)
     return out
+
+
+FUSED_MAX_K = 2048  # "auto": longest reduction (C_in * kh * kw) the fused kernel takes
+
+
+def _use_fused(kernel: str, scale, shift, act: str, weight: torch.Tensor) -> bool:
+    """Whether a sparse conv runs as the fused Triton kernel (``SparseConfig.conv_kernel``).
+
+    "auto" follows ``benchmarks/conv_kernels.py`` (H100, docs/results.md): the fused kernel wins
+    for convs without a norm/activation prologue and a short reduction; with a prologue (which it
+    recomputes for every tap) or a long reduction over few tiles (no split-K) cuDNN wins.
+    """
+    if kernel != "auto":
+        return kernel == "fused"
+    plain = scale is None and shift is None and act == "identity"
+    return plain and weight[0].numel() <= FUSED_MAX_K
 
 
 def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
@@ -297,7 +312,7 @@ def sparse_attention(state, tiles, q, k, v, *, heads: int, scale: float | None, 
         return out
     rows = qt.reshape(b, m, c, th, tw).permute(0, 1, 3, 4, 2).reshape(b, m * th * tw, c)
     o = attention_rows(rows, _tokens(k), _tokens(v), heads, scale)
-    y = o.reshape(b, m, th, tw, cv).permute(0, 1, 4, 2, 3).reshape(b * m, cv, th, tw)
+    y = o.reshape(b * m, th, tw, cv).permute(0, 3, 1, 2)  # channels-last tiles: a view
     scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
             num_active=ts.num_active, check_values=False)  # fmt: skip
     return out
