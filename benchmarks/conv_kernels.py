@@ -93,7 +93,7 @@ def run_shape(shape, fractions) -> list[dict]:
         cap = 1 << max(count - 1, 0).bit_length()  # the runtime's power-of-two capacity
         ts = active_tiles(mask, k, stride, pad, 6 if k == 3 else 4, capacity=cap)
 
-        def cudnn():
+        def cudnn(ts=ts):
             batches, off = [], 0
             for p in parts:
                 c = p.shape[1]
@@ -107,7 +107,7 @@ def run_shape(shape, fractions) -> list[dict]:
             scatter(out, y.contiguous(memory_format=cl), ts.out_corners, res_map, ts.num_active,
                     check_values=False)  # fmt: skip
 
-        def fused(blocks=None):
+        def fused(blocks=None, ts=ts):
             return lambda: tile_conv_triton(
                 out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                 [stride] * 2, [1, 1], scale, shift, act, 0.01, res_map, ts.num_active,

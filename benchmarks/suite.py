@@ -6,11 +6,13 @@
 Per model, in one process on one card: dense eager and dense ``torch.compile(mode=
 "reduce-overhead")`` (median CUDA-event time after warm-up, compile time), and sigec edits for
 compact one-blob masks of 1.2 / 5 / 15 / 30 / 100 %, run from CUDA graphs (``--eager``: also
-without; ``--bf16``: also in bf16; ``--conv-ab``: also with the other conv kernel): median edit time, ratios to both dense baselines, PSNR against the dense model
-on the edited input (same dtype), max abs error outside the mask, executed MACs, cache bytes per
-slot, capture counts. At 1.2 % one edit of each variant is profiled: kernels launched, GPU busy
-time vs wall time, time per op class. Results are merged into ``--out`` (one entry per model), so
-models can run in separate processes. Never asserts; never run by the tests.
+without; ``--bf16``: also in bf16; ``--conv-ab``: also with the other conv kernel; ``--also
+KEY=VALUE``: also with a SparseConfig field changed): median edit time, ratios to both dense
+baselines, PSNR against the dense model on the edited input (same dtype), max abs error outside
+the mask, executed MACs, cache bytes per slot, capture counts. At 1.2 % one edit of each variant
+is profiled: kernels launched, GPU busy time vs wall time, time per op class. Results are merged
+into ``--out`` (one entry per model), so models can run in separate processes. Never asserts;
+never run by the tests.
 """
 
 from __future__ import annotations
@@ -203,11 +205,20 @@ def main() -> None:
     p.add_argument("--nchw", dest="channels_last", action="store_false",
                    help="NCHW maps (default: channels-last, SparseConfig's default)")  # fmt: skip
     p.add_argument("--layout-ab", action="store_true", help="also run the other memory format")
-    p.add_argument("--conv-kernel", default="auto", choices=["auto", "fused", "cudnn"],
-                   help="SparseConfig.conv_kernel of the main variant")
+    p.add_argument(
+        "--conv-kernel",
+        default="auto",
+        choices=["auto", "fused", "cudnn"],
+        help="SparseConfig.conv_kernel of the main variant",
+    )
     p.add_argument("--conv-ab", action="store_true", help="also run the other conv kernel")
-    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
-                   help="also run a variant with this string SparseConfig field changed")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run a variant with this string SparseConfig field changed",
+    )
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
     args = p.parse_args()

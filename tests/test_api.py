@@ -1,6 +1,8 @@
 """End-to-end tests of sigec.compile: the exact oracle, the truncated policy's guarantees, commit,
 slots, errors, stats and moving the engine."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -486,3 +488,23 @@ def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
     if name == "sd15-unet-tiny":
         assert 2 in calls  # a decoder conv read its skip concat without building it
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_path_refuses_stale_inputs_before_touching_anything():
+    """With CUDA graphs the stale check is read with the tile counts (one sync); a stale input
+    raises before the static inputs change, so a later commit still records the right input."""
+    model, args, _ = _tiny("groupnorm-net")
+    x, t = args
+    config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
+    engine = sigec.compile(model, args, config=config)
+    engine.record(x, t)
+    mask = edit_masks(16, 16)["blob"]
+    xe = apply_edit(x, mask)
+    first = engine.edit(xe, t)
+    with pytest.raises(sigec.StaleCacheError, match="input 1 differs from the one recorded"):
+        engine.edit(apply_edit(x, mask, seed=5), t + 1)
+    engine.commit()  # commits the first edit, not the refused one
+    torch.testing.assert_close(engine.edit(xe, t), first, rtol=0, atol=0)
+    eager = sigec.compile(model, args, config=dataclasses.replace(config, cuda_graphs=False))
+    eager.record(x, t)
+    torch.testing.assert_close(first, eager.edit(xe, t), rtol=0, atol=0)

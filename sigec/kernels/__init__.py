@@ -1,7 +1,7 @@
 """Tile kernels: one file per op family (Triton kernel, PyTorch reference, ``sigec::`` custom op).
 
 Importing this package registers ``torch.ops.sigec.gather``, ``torch.ops.sigec.scatter``,
-``torch.ops.sigec.restore`` and ``torch.ops.sigec.tile_conv``. This package imports only torch and triton.
+``torch.ops.sigec.restore`` and ``torch.ops.sigec.tile_conv``. It imports only torch and triton.
 """
 
 from sigec.kernels._common import ACTIVATIONS

@@ -274,8 +274,10 @@ def tile_conv_triton(
     )  # fmt: skip
 
 
-def _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
-           scale, shift, activation, slope, residual, num_active, check_values=True) -> int:  # fmt: skip
+def _check(
+    out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
+    scale, shift, activation, slope, residual, num_active, check_values=True,
+) -> int:  # fmt: skip
     check_tensor("out", out, rank=4)
     check_tile_size(tile_h, tile_w)
     if not isinstance(parts, list | tuple) or not 1 <= len(parts) <= 2:

@@ -4,8 +4,8 @@ Runs after every rewrite (the ops left as plain ATen calls are exactly the dense
 slot buffers (cached values, folded norm parameters) and weights are first moved to the top of
 the graph, so they do not cut runs apart; then every maximal run of at least ``MIN_OPS``
 consecutive ATen ops (and stateless map functions of ``sigec.runtime.ops``, e.g. a dense
-attention block's ``linear_channels``) becomes one region: its inputs are the values it reads from outside, its
-outputs the values read after it.
+attention block's ``linear_channels``) becomes one region: its inputs are the values it reads
+from outside, its outputs the values read after it.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def _hoist_reads(gm: torch.fx.GraphModule, reads) -> None:
     nodes = list(gm.graph.nodes)
     anchor = [n for n in nodes if n.op == "placeholder"][-1]
     for node in nodes:
-        if node.op == "get_attr" or (node.op == "call_function" and node.target in reads
-                                     and all(a.op == "placeholder" for a in node.all_input_nodes)):  # fmt: skip
+        read = node.op == "call_function" and node.target in reads
+        if node.op == "get_attr" or (read and all(a.op == "placeholder"
+                                                  for a in node.all_input_nodes)):  # fmt: skip
             anchor.append(node)
             anchor = node
 

@@ -16,8 +16,8 @@ import torch
 from sigec.config import SparseConfig
 from sigec.models.configs import TINY_MODELS
 from sigec.passes.pipeline import build_program
-from sigec.runtime.engine import SparseEngine
 from sigec.runtime.dense import DenseRegion
+from sigec.runtime.engine import SparseEngine
 from sigec.runtime.masks import blob_mask
 
 SUMMARY_MODELS = TINY_MODELS

@@ -23,11 +23,11 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from sigec.errors import InputMismatchError, MaskError, NotRecordedError, StaleCacheError
+from sigec.errors import InputMismatchError, MaskError, NotRecordedError
 from sigec.kernels import restore
 from sigec.runtime import ops
 from sigec.runtime.graphs import GraphedEdits
-from sigec.runtime.inputs import flatten_call
+from sigec.runtime.inputs import flatten_call, raise_if_stale
 from sigec.runtime.masks import TileSet, difference_mask, dilate
 from sigec.runtime.ops import layout_to_map
 from sigec.runtime.program import Program
@@ -199,17 +199,23 @@ class SparseEngine(torch.nn.Module):
         return self.slots[key]
 
     def _check_not_stale(self, state: SlotState, flat: list) -> None:
+        names, changed = self._stale_flags(state, flat)
+        if changed is not None:
+            raise_if_stale(names, changed.tolist())
+
+    def _stale_flags(self, state: SlotState, flat: list):
+        """(input names, bool tensor on the device: which non-image tensor inputs differ from
+        the recorded ones), without a host sync; (names, None) if there are none."""
+        names, flags = [], []
         for i, kind in enumerate(self.program.input_kinds):
             if kind != "tensor":
                 continue
             rec = state.recorded_input(i)
-            if not torch.equal(flat[i].to(rec.dtype), rec):
-                raise StaleCacheError(
-                    f"input {self.program.input_names[i]} differs from the one recorded in slot "
-                    "(timestep, prompt embedding or label changed): the cached features are "
-                    "stale. Record this input in its own slot (engine.record(..., slot=...)) "
-                    "and edit that slot."
-                )
+            v = flat[i].to(rec.dtype)
+            same = (v == rec).all() if v.shape == rec.shape else torch.zeros((), dtype=torch.bool)
+            names.append(self.program.input_names[i])
+            flags.append(~same.to(rec.device))
+        return names, (torch.stack(flags) if flags else None)
 
     # -- record / edit / commit ----------------------------------------------------------------
 
@@ -282,13 +288,13 @@ class SparseEngine(torch.nn.Module):
         """
         flat = self._flatten(args, kwargs)
         state = self._slot(slot)
-        self._check_not_stale(state, flat)
         edit_mask = self._edit_mask(state, flat, mask)
-        if self.config.cuda_graphs:
+        if self.config.cuda_graphs:  # the stale check rides on the edit's one host sync
             if state.graphs is None:
                 state.graphs = GraphedEdits(self, state)
-            outs = state.graphs.run(flat, edit_mask)
+            outs = state.graphs.run(flat, edit_mask, self._stale_flags(state, flat))
             return self._finish_edit(state, flat, outs)
+        self._check_not_stale(state, flat)
         state.restore_dirty()
         state.written, state.pending_norm_sums = {}, {}
         masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from sigec.kernels import restore
+from sigec.runtime.inputs import raise_if_stale
 from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts, tile_grids
 
 
@@ -117,15 +118,26 @@ class GraphedEdits:
                 count.zero_()
         return outs, tiles
 
-    def run(self, flat: list, edit_mask: torch.Tensor) -> list:
-        """One edit: returns the graph's outputs (static tensors: clone before the next edit)."""
+    def run(self, flat: list, edit_mask: torch.Tensor, stale=(None, None)) -> list:
+        """One edit: returns the graph's outputs (static tensors: clone before the next edit).
+
+        ``stale``: ``(names, flags)`` from ``SparseEngine._stale_flags``; the flags are read with
+        the tile counts (one host sync), and a stale input raises before anything changes.
+        """
+        self.static_mask.copy_(edit_mask.reshape(self.static_mask.shape))
+        counts = self._counts()
+        names, flags = stale
+        if flags is not None:
+            counts = torch.cat([counts, flags.to(counts.dtype)])
+        counts = counts.tolist()  # the one host sync
+        if flags is not None:
+            raise_if_stale(names, [bool(c) for c in counts[len(self.keys) :]])
+            counts = counts[: len(self.keys)]
         if self.static_inputs is None:
             self.static_inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
         for buf, v in zip(self.static_inputs, flat, strict=True):
             if isinstance(buf, torch.Tensor):
                 buf.copy_(v)
-        self.static_mask.copy_(edit_mask.reshape(self.static_mask.shape))
-        counts = self._counts().tolist()  # the one host sync
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
         restore_caps = dict(self.prev)
         key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))

@@ -1,10 +1,10 @@
-"""Flattening a call's inputs in the order the compiled graph takes them."""
+"""Flattening a call's inputs in the order the compiled graph takes them; input checks."""
 
 from __future__ import annotations
 
 import torch.utils._pytree as pytree
 
-from sigec.errors import InputMismatchError
+from sigec.errors import InputMismatchError, StaleCacheError
 
 
 def spec_children(spec: pytree.TreeSpec) -> list:
@@ -30,3 +30,14 @@ def flatten_call(args: tuple, kwargs: dict, in_spec: pytree.TreeSpec) -> list:
             f"inputs given); call the engine the way example_inputs / example_kwargs did"
         )
     return flat
+
+
+def raise_if_stale(names: list[str], changed: list[bool]) -> None:
+    """StaleCacheError naming the first non-image input that differs from the recorded one."""
+    for name, bad in zip(names, changed, strict=True):
+        if bad:
+            raise StaleCacheError(
+                f"input {name} differs from the one recorded in slot (timestep, prompt "
+                "embedding or label changed): the cached features are stale. Record this input "
+                "in its own slot (engine.record(..., slot=...)) and edit that slot."
+            )

@@ -98,8 +98,10 @@ def test_sparse_conv_on_cuda_without_host_sync(dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
-@pytest.mark.parametrize("c1, c2, co, k, stride", [(64, 0, 128, 3, 1), (96, 64, 64, 3, 1),
-                                                   (128, 0, 64, 1, 1), (32, 0, 48, 3, 2)])
+@pytest.mark.parametrize(
+    "c1, c2, co, k, stride",
+    [(64, 0, 128, 3, 1), (96, 64, 64, 3, 1), (128, 0, 64, 1, 1), (32, 0, 48, 3, 2)],
+)
 def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol, rtol):
     """Fused tile conv with the launch heuristic's blocks, channels-last, capacity padding, a
     norm + SiLU prologue and a residual; no host sync."""
@@ -115,9 +117,9 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol,
     args = (weight, bias, tiles.in_corners, tiles.out_corners, *tiles.out_tile, [stride] * 2,
             [1, 1], scale, shift, "silu", 0.01, residual, tiles.num_active)  # fmt: skip
     want = torch.zeros(2, co, ho, wo)
-    tile_conv_reference(want, [p.to(dtype).float() for p in parts],
-                        *[a.to(dtype).float() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                          else a for a in args])  # fmt: skip
+    rounded = [a.to(dtype).float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+               else a for a in args]  # fmt: skip
+    tile_conv_reference(want, [p.to(dtype).float() for p in parts], *rounded)
     g = lambda a: a.to(dtype).cuda() if a.is_floating_point() else a.cuda()  # noqa: E731
     got = torch.zeros(2, co, ho, wo, device="cuda", dtype=dtype).contiguous(memory_format=cl)
     gargs = [g(a) if isinstance(a, torch.Tensor) else a for a in args]
