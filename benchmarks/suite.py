@@ -18,6 +18,7 @@ never run by the tests.
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import json
 import time
@@ -131,8 +132,12 @@ def run_model(name: str, args) -> dict:
         if args.conv_ab:  # the other conv kernel too
             variants.append((f"sigec-graphs-{other}", dtype, True, args.channels_last, other, {}))
         for extra in args.also:  # a SparseConfig override, e.g. dense_regions=eager
-            key, _, value = extra.partition("=")
-            variants.append((f"sigec-graphs-{key}={value}", dtype, True, args.channels_last,
+            key, _, text = extra.partition("=")
+            try:  # True / False / numbers; anything else is a string
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            variants.append((f"sigec-graphs-{key}={text}", dtype, True, args.channels_last,
                              args.conv_kernel, {key: value}))  # fmt: skip
         for vname, vdtype, graphs, cl, conv_kernel, override in variants:
             m, vin, vkw = (model, inputs, kwargs) if vdtype == dtype else build_on(
