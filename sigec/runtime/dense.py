@@ -11,6 +11,8 @@ compiles once (on the first edit; the CUDA-graph path's warm-up runs it before c
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx
 
@@ -25,12 +27,25 @@ class DenseRegion(torch.nn.Module):
         self._compiled = None
 
     def forward(self, *inputs):
-        on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
-        if not (on_cuda and self.compile_on_cuda):
+        if self._compiled is False or not (self.compile_on_cuda and self.on_cuda(inputs)):
             return self.gm(*inputs)
         if self._compiled is None:
             self._compiled = torch.compile(self.gm, dynamic=False, fullgraph=True)
-        return self._compiled(*inputs)
+        try:
+            return self._compiled(*inputs)
+        except Exception as e:  # noqa: BLE001 - inductor could not take it: run eagerly, say so
+            warnings.warn(
+                f"sigec: a dense region of {len(self.ops())} ops runs eagerly, because "
+                f"torch.compile failed on it ({type(e).__name__}: {str(e)[:200]}); set "
+                "SparseConfig(dense_regions='eager') to silence this",
+                stacklevel=2,
+            )
+            self._compiled = False
+            return self.gm(*inputs)
+
+    @staticmethod
+    def on_cuda(inputs) -> bool:
+        return any(isinstance(a, torch.Tensor) and a.is_cuda for a in inputs)
 
     def ops(self) -> list[torch.fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "call_function"]

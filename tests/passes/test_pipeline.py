@@ -274,3 +274,27 @@ def test_dense_regions_group_the_dense_part_and_keep_the_result():
 def test_short_runs_stay_in_the_edit_graph():
     counters = _counters(_ReflectPad().eval(), (torch.randn(1, 3, 12, 12),), TRUNC)
     assert counters["dense_fallbacks"] == 1 and counters["dense_regions"] == 0
+
+
+def test_a_region_inductor_cannot_compile_runs_eagerly_and_says_so(monkeypatch):
+    from sigec.runtime.dense import DenseRegion
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output((graph.call_function(torch.ops.aten.relu.default, (x,)),))
+    region = DenseRegion(torch.fx.GraphModule(torch.nn.Module(), graph), compile_on_cuda=True)
+
+    def broken(*args, **kwargs):
+        def fail(*a):
+            raise RuntimeError("no backend")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(DenseRegion, "on_cuda", staticmethod(lambda inputs: True))
+    t = torch.randn(5)
+    with pytest.warns(UserWarning, match="runs eagerly.*no backend"):
+        (out,) = region(t)
+    assert torch.equal(out, t.relu())
+    (again,) = region(t)  # no second try, no second warning
+    assert torch.equal(again, out)

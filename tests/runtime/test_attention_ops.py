@@ -71,3 +71,25 @@ def test_sparse_attention_computes_the_active_queries_and_keeps_the_rest():
                                tile_key="key")  # fmt: skip
     want = ops.attention_channels(q, kt, vt, 2, 0.3)
     torch.testing.assert_close(out[:, :, cover], want[:, :, cover])
+
+
+def test_a_tile_expression_inductor_cannot_compile_runs_eagerly(monkeypatch):
+    from sigec.runtime import ops
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.mul.Tensor, (x, x)))
+    expr = torch.fx.GraphModule(torch.nn.Module(), graph)
+
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no backend")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    t = torch.randn(4)
+    with pytest.warns(UserWarning, match="tile expression runs eagerly.*no backend"):
+        out = ops._compiled_expression(expr)(t)
+    assert torch.equal(out, t * t)
+    assert ops._compiled_expression(expr) is expr  # eager from then on
