@@ -508,3 +508,36 @@ def test_graph_path_refuses_stale_inputs_before_touching_anything():
     eager = sigec.compile(model, args, config=dataclasses.replace(config, cuda_graphs=False))
     eager.record(x, t)
     torch.testing.assert_close(first, eager.edit(xe, t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("conv_kernel", "triton", "conv_kernel: expected one of"),
+        ("dense_regions", "compiled", "dense_regions: expected 'inductor' or 'eager'"),
+        ("tile_expressions", "jit", "tile_expressions: expected 'inductor' or 'eager'"),
+        ("dense_backend", "tvm", "dense_backend: expected 'inductor' or 'eager'"),
+        ("tile_lists", "all", "tile_lists: expected 'exact' or 'grid'"),
+        ("norm_stats", "running", "norm_stats: expected one of"),
+    ],
+)
+def test_bad_config_values_are_refused_with_the_choices(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        sigec.SparseConfig(**{field: value})
+
+
+def test_auto_conv_kernel_follows_the_measured_rule():
+    """conv_kernel="auto": fused without a prologue and with a short reduction, else cuDNN
+    (docs/results.md, per-shape measurement); "fused" / "cudnn" force one."""
+    from sigec.runtime.ops import FUSED_MAX_K, _use_fused
+
+    short = torch.empty(8, 128, 3, 3)  # C_in * 9 = 1152
+    long = torch.empty(8, 1280, 3, 3)  # 11520
+    assert short[0].numel() <= FUSED_MAX_K < long[0].numel()
+    scale = torch.ones(1, 128)
+    assert _use_fused("auto", None, None, "identity", short)
+    assert not _use_fused("auto", scale, scale, "silu", short)  # a prologue: cuDNN
+    assert not _use_fused("auto", None, None, "silu", short)
+    assert not _use_fused("auto", None, None, "identity", long)  # long reduction: cuDNN
+    assert _use_fused("fused", scale, scale, "silu", long)
+    assert not _use_fused("cudnn", None, None, "identity", short)
