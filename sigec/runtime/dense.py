@@ -17,6 +17,33 @@ import torch
 import torch.fx
 
 
+class CompiledOrEager:
+    """``fn`` compiled by inductor on first call; if inductor fails on it, ``fn`` runs eagerly
+    from then on, with a warning naming ``what`` and the ``SparseConfig`` knob that turns it off.
+    """
+
+    def __init__(self, fn, what: str, knob: str, **compile_kwargs):
+        self.fn, self.what, self.knob, self.compile_kwargs = fn, what, knob, compile_kwargs
+        self.compiled = None  # None: not yet; False: inductor failed
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is False:
+            return self.fn(*args, **kwargs)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - inductor could not take it: run eagerly, say so
+            warnings.warn(
+                f"sigec: {self.what} runs eagerly, because torch.compile failed on it "
+                f"({type(e).__name__}: {str(e)[:200]}); set SparseConfig({self.knob}='eager') "
+                "to silence this",
+                stacklevel=2,
+            )
+            self.compiled = False
+            return self.fn(*args, **kwargs)
+
+
 class DenseRegion(torch.nn.Module):
     """``forward(*inputs) -> tuple`` of a run of dense ops (``gm``), compiled on CUDA if asked."""
 
@@ -24,24 +51,13 @@ class DenseRegion(torch.nn.Module):
         super().__init__()
         self.gm = gm
         self.compile_on_cuda = compile_on_cuda
-        self._compiled = None
+        what = f"a dense region of {len(self.ops())} ops"
+        self._runner = CompiledOrEager(gm, what, "dense_regions", dynamic=False)
 
     def forward(self, *inputs):
-        if self._compiled is False or not (self.compile_on_cuda and self.on_cuda(inputs)):
+        if not (self.compile_on_cuda and self.on_cuda(inputs)):
             return self.gm(*inputs)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.gm, dynamic=False, fullgraph=True)
-        try:
-            return self._compiled(*inputs)
-        except Exception as e:  # noqa: BLE001 - inductor could not take it: run eagerly, say so
-            warnings.warn(
-                f"sigec: a dense region of {len(self.ops())} ops runs eagerly, because "
-                f"torch.compile failed on it ({type(e).__name__}: {str(e)[:200]}); set "
-                "SparseConfig(dense_regions='eager') to silence this",
-                stacklevel=2,
-            )
-            self._compiled = False
-            return self.gm(*inputs)
+        return self._runner(*inputs)
 
     @staticmethod
     def on_cuda(inputs) -> bool:

@@ -7,13 +7,12 @@ map. ``state`` is the slot's ``SlotState``, ``tiles`` the edit's ``TileTable``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from sigec.kernels import gather, scatter, tile_conv
+from sigec.runtime.dense import CompiledOrEager
 
 
 def cached(state, name: str) -> torch.Tensor:
@@ -199,27 +198,11 @@ def _compiled_expression(fn):
     """``fn`` compiled by inductor, kept on the expression module (compiled on first use; a new
     tile count recompiles once, after which the count is a dynamic dimension). If inductor fails
     on it, the expression runs eagerly from then on, with a warning."""
-    compiled = fn.__dict__.get("_sigec_compiled")
-    if compiled is False:
-        return fn
-    if compiled is None:
-        compiled = torch.compile(fn, fullgraph=True)
-        object.__setattr__(fn, "_sigec_compiled", compiled)  # not a registered submodule
-
-    def run(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - inductor could not take it: run eagerly, say so
-            warnings.warn(
-                f"sigec: a tile expression runs eagerly, because torch.compile failed on it "
-                f"({type(e).__name__}: {str(e)[:200]}); set "
-                "SparseConfig(tile_expressions='eager') to silence this",
-                stacklevel=2,
-            )
-            object.__setattr__(fn, "_sigec_compiled", False)
-            return fn(*args, **kwargs)
-
-    return run
+    runner = fn.__dict__.get("_sigec_runner")
+    if runner is None:
+        runner = CompiledOrEager(fn, "a tile expression", "tile_expressions")
+        object.__setattr__(fn, "_sigec_runner", runner)  # not a registered submodule
+    return runner
 
 
 def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile_key: str):
