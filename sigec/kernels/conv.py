@@ -106,7 +106,7 @@ def _tile_conv_kernel(
     out_ptr, x1_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, in_c_ptr, out_c_ptr, count_ptr,
     scale_ptr, shift_ptr,
     # sizes
-    NB, M, C1, C2, H, W, CO, HO, WO, TILE_H, TILE_W, KH, KW,
+    M, C1, C2, H, W, CO, HO, WO, TILE_H, TILE_W, KH, KW,
     STRIDE_H, STRIDE_W, DIL_H, DIL_W,
     # strides (elements)
     stride_on, stride_oc, stride_oh, stride_ow,
@@ -260,7 +260,7 @@ def tile_conv_triton(
         residual if residual is not None else dummy, in_corners.contiguous(),
         out_corners.contiguous(), num_active if num_active is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
-        nb, m, c1, c2, h, w, co, ho, wo, tile_h, tile_w, weight.shape[2], weight.shape[3],
+        m, c1, c2, h, w, co, ho, wo, tile_h, tile_w, weight.shape[2], weight.shape[3],
         stride[0], stride[1], dilation[0], dilation[1],
         *out.stride(), *x1.stride(), *x2.stride(), *weight.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
