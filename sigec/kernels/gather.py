@@ -181,8 +181,10 @@ def gather_triton(
     reject_float64("x", x)
     n, c, h, w = x.shape
     m = corners.shape[0]
-    out = torch.empty((n * m, c, tile_h, tile_w), device=x.device, dtype=x.dtype)
-    out = out.contiguous(memory_format=_memory_format(x))
+    # allocated in x's memory format directly (a ``.contiguous(memory_format=)`` of a fresh
+    # tensor would launch a copy of the whole uninitialised batch)
+    out = torch.empty((n * m, c, tile_h, tile_w), device=x.device, dtype=x.dtype,
+                      memory_format=_memory_format(x))  # fmt: skip
     if out.numel() == 0:
         return out
     block_c, block_p, num_warps = block_sizes(c, tile_h * tile_w)
@@ -282,5 +284,5 @@ def _gather_fake(
 ):  # fmt: skip
     _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values)
     n, c = x.shape[:2]
-    out = x.new_empty((n * corners.shape[0], c, tile_h, tile_w))
-    return out.contiguous(memory_format=_memory_format(x))
+    return torch.empty((n * corners.shape[0], c, tile_h, tile_w), device=x.device, dtype=x.dtype,
+                       memory_format=_memory_format(x))  # fmt: skip

@@ -1,4 +1,5 @@
-"""Scatter: write a batch of output tiles into a feature map in place, with a fused residual add.
+"""Scatter: write a batch of output tiles into a feature map in place, with a fused bias and
+residual add.
 
 Contract:
     out:      ``[N, C, H, W]`` fp32 / fp16 / bf16, any strides (NCHW or channels-last); mutated.
@@ -6,8 +7,11 @@ Contract:
               ``n`` (the layout ``gather`` produces and a conv on the gathered batch keeps).
     corners:  int32 ``[M, 2]``, rows ``(y, x)`` = top-left output pixel of each tile. Pixels of a
               tile that fall outside the map are dropped (tiles may hang off the right/bottom).
-    residual: optional ``[N, C, H, W]``: ``out[p] = tile[p] + residual[p]`` on the written pixels
-              only, added in fp32 and rounded once. ``residual`` may be ``out`` itself.
+    bias:     optional ``[C]``: a conv's bias, added here instead of by the conv (one kernel
+              less per conv on tiles).
+    residual: optional ``[N, C, H, W]``: ``out[p] = tile[p] + bias[c] + residual[p]`` on the
+              written pixels only, added in fp32 and rounded once. ``residual`` may be ``out``
+              itself.
     num_active (optional int32 ``[1]``): rows ``m >= num_active`` are capacity padding, skipped.
 
 Tiles must not overlap (the tile grid of a conv never does); where they do, which value lands is
@@ -36,7 +40,7 @@ from sigec.kernels._common import (
 @triton.jit
 def _scatter_kernel(
     # pointers
-    tiles_ptr, out_ptr, res_ptr, corners_ptr, count_ptr,
+    tiles_ptr, out_ptr, res_ptr, bias_ptr, corners_ptr, count_ptr,
     # sizes
     M, C, H, W, TILE_H, TILE_W,
     # strides (elements)
@@ -44,7 +48,7 @@ def _scatter_kernel(
     stride_on, stride_oc, stride_oh, stride_ow,
     stride_rn, stride_rc, stride_rh, stride_rw,
     # meta-parameters
-    HAS_COUNT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_COUNT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # -- which tile, which channels, which pixels of the tile
@@ -78,10 +82,13 @@ def _scatter_kernel(
     )
     v = tl.load(src, mask=mask, other=0.0)
 
-    # -- fused residual add, in fp32
+    # -- fused bias and residual add, in fp32
     c64 = offs_c[:, None].to(tl.int64)
     y64 = y[None, :].to(tl.int64)
     x64 = x[None, :].to(tl.int64)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0)
+        v = v.to(tl.float32) + b.to(tl.float32)[:, None]
     if HAS_RESIDUAL:
         r_src = res_ptr + n * stride_rn + c64 * stride_rc + y64 * stride_rh + x64 * stride_rw
         r = tl.load(r_src, mask=mask, other=0.0)
@@ -98,6 +105,7 @@ def scatter_reference(
     corners: torch.Tensor,
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Plain PyTorch scatter: the definition of correctness and the CPU path. Same contract."""
     n, c, h, w = out.shape
@@ -106,10 +114,12 @@ def scatter_reference(
     ys, xs = ys[valid], xs[valid]  # [K] destination pixels
     # vals: [N, C, K]
     vals = tiles.reshape(n, m, c, th, tw).permute(0, 2, 1, 3, 4)[:, :, valid]
+    cd = compute_dtype(out)
+    if bias is not None:
+        vals = vals.to(cd) + bias.to(cd)[None, :, None]
     if residual is not None:
-        cd = compute_dtype(out)
-        vals = (vals.to(cd) + residual[:, :, ys, xs].to(cd)).to(out.dtype)
-    out[:, :, ys, xs] = vals
+        vals = vals.to(cd) + residual[:, :, ys, xs].to(cd)
+    out[:, :, ys, xs] = vals.to(out.dtype)
 
 
 def scatter_triton(
@@ -119,9 +129,10 @@ def scatter_triton(
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> None:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    _check(out, tiles, corners, residual, num_active, check_values)
+    _check(out, tiles, corners, residual, num_active, check_values, bias)
     reject_float64("out", out)
     n, c, h, w = out.shape
     m, th, tw = corners.shape[0], tiles.shape[2], tiles.shape[3]
@@ -131,17 +142,18 @@ def scatter_triton(
     grid = (n * m, triton.cdiv(c, block_c), triton.cdiv(th * tw, block_p))
     dummy = corners  # stands in for absent optional pointers (never read)
     _scatter_kernel[grid](
-        tiles, out, residual if residual is not None else dummy, corners.contiguous(),
+        tiles, out, residual if residual is not None else dummy,
+        bias if bias is not None else dummy, corners.contiguous(),
         num_active if num_active is not None else dummy,
         m, c, h, w, th, tw,
         *tiles.stride(), *out.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         HAS_COUNT=num_active is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )  # fmt: skip
 
 
-def _check(out, tiles, corners, residual, num_active, check_values=True) -> None:
+def _check(out, tiles, corners, residual, num_active, check_values=True, bias=None) -> None:
     check_tensor("out", out, rank=4)
     check_tensor("tiles", tiles, rank=4, dtypes=(out.dtype,), device=out.device)
     n, c, h, w = out.shape
@@ -169,6 +181,13 @@ def _check(out, tiles, corners, residual, num_active, check_values=True) -> None
                 f"residual: expected the shape of out {tuple(out.shape)}, "
                 f"got {tuple(residual.shape)}"
             )
+    if bias is not None:
+        check_tensor("bias", bias, rank=1, device=out.device)
+        if bias.shape[0] != c or bias.stride(0) != 1:
+            raise ValueError(
+                f"bias: expected a contiguous [C] = [{c}] (one value per channel of out), "
+                f"got shape {tuple(bias.shape)} stride {bias.stride()}"
+            )
 
 
 @torch.library.custom_op("sigec::scatter", mutates_args=("out",))
@@ -179,8 +198,9 @@ def scatter(
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> None:
-    """Write ``tiles`` into ``out`` at ``corners`` (in place), adding ``residual`` if given.
+    """Write ``tiles`` into ``out`` at ``corners`` (in place), adding ``bias`` and ``residual``.
 
     Args:
         out: feature map ``[N, C, H, W]``, mutated.
@@ -189,14 +209,16 @@ def scatter(
         residual: optional ``[N, C, H, W]`` added on the written pixels.
         num_active: optional int32 ``[1]``: only the first ``num_active`` tiles are written.
         check_values: range-check the corners (one host sync on CUDA).
+        bias: optional ``[C]`` per-channel bias added to every written pixel.
     """
     if out.is_cuda:
-        scatter_triton(out, tiles, corners, residual, num_active, check_values)
+        scatter_triton(out, tiles, corners, residual, num_active, check_values, bias)
         return
-    _check(out, tiles, corners, residual, num_active, check_values)
-    scatter_reference(out, tiles, corners, residual, num_active)
+    _check(out, tiles, corners, residual, num_active, check_values, bias)
+    scatter_reference(out, tiles, corners, residual, num_active, bias)
 
 
 @scatter.register_fake
-def _scatter_fake(out, tiles, corners, residual=None, num_active=None, check_values=True):
-    _check(out, tiles, corners, residual, num_active, check_values)
+def _scatter_fake(out, tiles, corners, residual=None, num_active=None, check_values=True,
+                  bias=None):  # fmt: skip
+    _check(out, tiles, corners, residual, num_active, check_values, bias)

@@ -30,6 +30,7 @@ PIPELINE = (
     rw.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
     rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
     rw.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
+    rw.eliminate_common_subexpressions,  # repeated pure ops (after identities made them equal)
     rw.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs so prologues see them
     rw.fold_biases,  # affine(x + temb) -> affine'(x): after fold_norms, before prologue fusion
     rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)

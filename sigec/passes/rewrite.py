@@ -176,6 +176,49 @@ def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "remove_identities", changed)
 
 
+def _cse_key(node: torch.fx.Node):
+    """A hashable key of a pure ATen call (target and arguments, nodes by identity), or None."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+        return None
+    if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+        return None
+
+    def freeze(v):
+        if isinstance(v, list | tuple):
+            return (type(v).__name__, tuple(freeze(x) for x in v))
+        if isinstance(v, dict):
+            return ("dict", tuple(sorted((k, freeze(x)) for k, x in v.items())))
+        if isinstance(v, torch.fx.Node | int | float | bool | str | type(None)):
+            return (type(v).__name__, v)
+        if isinstance(v, torch.dtype | torch.device | torch.memory_format | torch.layout):
+            return (type(v).__name__, str(v))
+        raise TypeError  # anything else: not merged
+
+    try:
+        return t, freeze(node.args), freeze(node.kwargs)
+    except TypeError:
+        return None
+
+
+def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Pure ATen calls repeated with the same arguments -> the first one (e.g. every SPADE layer
+    of GauGAN resizes the same label map to its own resolution: one resize per resolution)."""
+    seen: dict = {}
+    changed = 0
+    for node in list(gm.graph.nodes):
+        key = _cse_key(node)
+        if key is None:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+            changed += 1
+    ctx.bump("subexpressions_merged", changed)
+    return _finish(gm, "eliminate_common_subexpressions", changed)
+
+
 def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """GroupNorm (cached statistics) and eval BatchNorm -> ``affine(x, scale, shift)``."""
     changed = 0

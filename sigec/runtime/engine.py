@@ -5,8 +5,8 @@ How an edit flows (see docs/how-it-works.md):
    non-image inputs against the slot's record (a different timestep or prompt is a stale cache);
 2. the edit mask is taken as given or computed as ``|edited - recorded| > mask_eps`` (any
    channel), dilated by ``mask_dilation``;
-3. the tiles the previous edit wrote are restored from the cache (``sigec::restore``), so every
-   working map equals the record again, in O(previously active) work;
+3. the tiles the previous edit wrote are restored from the cache (one ``RestoreBatch`` launch):
+   every working map equals the record again, in O(previously active) work;
 4. the edit graph runs: sparse ops gather, compute and scatter their active tiles into the working
    maps; dense ops run on full maps;
 5. ``commit`` swaps working maps and caches (no copy): the edit becomes the new original.
@@ -24,7 +24,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from sigec.errors import InputMismatchError, MaskError, NotRecordedError
-from sigec.kernels import restore
+from sigec.kernels.restore import RestoreBatch
 from sigec.runtime import ops
 from sigec.runtime.graphs import GraphedEdits
 from sigec.runtime.inputs import flatten_call, raise_if_stale
@@ -106,9 +106,8 @@ class SlotState(torch.nn.Module):
 
     def restore_dirty(self) -> None:
         """Make every working map equal to its cache again, touching only the dirtied tiles."""
-        for name, ts in self.dirty.items():
-            restore(self.work(name), self.cache(name), ts.out_corners, ts.out_tile[0],
-                    ts.out_tile[1], ts.num_active, check_values=False)  # fmt: skip
+        RestoreBatch([(self.work(name), self.cache(name), ts.out_corners, ts.num_active,
+                       *ts.out_tile) for name, ts in self.dirty.items()])()  # fmt: skip
         self.dirty = {}
 
     def swap(self) -> None:

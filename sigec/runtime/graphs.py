@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sigec.kernels import restore
+from sigec.kernels.restore import RestoreBatch
 from sigec.runtime.inputs import raise_if_stale
 from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts, tile_grids
 
@@ -91,6 +91,8 @@ class GraphedEdits:
         self.masks: tuple[dict, dict] = ({}, {})  # this edit's masks and tile grids
         self.dense_fn = engine.dense_callable()  # what the cost model's dense path runs
         self.ran_dense = False
+        # one-launch restores (device tables of buffer addresses: built before any capture)
+        self.restorers: dict[tuple, RestoreBatch] = {}
 
     # -- one edit ------------------------------------------------------------------------------
 
@@ -98,14 +100,7 @@ class GraphedEdits:
         prog, state = self.program, self.state
         masks, grids = self.masks  # computed by the count graph of this edit (static tensors)
         tiles = TileTable(prog, masks, capacities=caps, grids=grids)
-        for name in self.maps:  # undo the previous edit: as many rows as it had
-            key = self.map_key[name]
-            rows = restore_caps[key]
-            if rows:
-                corners, count = self.dirty[key]
-                th, tw = prog.tile_requests[key].tile
-                restore(state.work(name), state.cache(name), corners[:rows], th, tw, count,
-                        check_values=False)  # fmt: skip
+        self._restorer("undo", restore_caps)()  # undo the previous edit: as many rows as it had
         state.written, state.pending_norm_sums = {}, {}
         outs = list(self.edit_gm(state, tiles, *self.static_inputs))
         for key in self.dirty_keys:
@@ -164,6 +159,26 @@ class GraphedEdits:
         if self.ran_dense:  # faster than sparse for this size: the caches are left alone
             return self._run_dense()
         return entry.outs
+
+    def _restorer(self, direction: str, rows: dict) -> RestoreBatch:
+        """One launch copying the dirty rows of every map: "undo" cache -> work (before an edit),
+        "commit" work -> cache. Built on first use for these row counts (outside any capture:
+        the warm-up run comes first), then reused, also by captured graphs."""
+        key = (direction, tuple(sorted(rows.items())))
+        batch = self.restorers.get(key)
+        if batch is None:
+            state, items = self.state, []
+            for name in self.maps:
+                k = self.map_key[name]
+                if rows[k]:
+                    corners, count = self.dirty[k]
+                    src, dst = state.cache(name), state.work(name)
+                    if direction == "commit":
+                        src, dst = dst, src
+                    items.append((dst, src, corners[: rows[k]], count,
+                                  *self.program.tile_requests[k].tile))  # fmt: skip
+            batch = self.restorers[key] = RestoreBatch(items)
+        return batch
 
     def _run_dense(self) -> list:
         if self.dense is not None and self.dense.graph is not None:
@@ -256,15 +271,8 @@ class GraphedEdits:
 
     def commit(self) -> None:
         """The last edit becomes the original: copy its dirty tiles into the caches."""
-        state, prog = self.state, self.program
-        for name in self.maps:
-            key = self.map_key[name]
-            rows = self.prev[key]
-            if rows:
-                corners, count = self.dirty[key]
-                th, tw = prog.tile_requests[key].tile
-                restore(state.cache(name), state.work(name), corners[:rows], th, tw, count,
-                        check_values=False)  # fmt: skip
+        state = self.state
+        self._restorer("commit", self.prev)()
         for _, count in self.dirty.values():
             count.zero_()
         self.prev = {k: 0 for k in self.dirty_keys}

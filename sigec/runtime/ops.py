@@ -103,7 +103,7 @@ def sparse_conv2d(
     residual: torch.Tensor | None = None,
     kernel: str = "cudnn",
 ) -> torch.Tensor:
-    """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ residual).
+    """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ bias + residual).
 
     Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
     batch uses padding 0. ``x`` may be a list of maps: their channel concatenation, which is then
@@ -134,9 +134,9 @@ def sparse_conv2d(
                               slope, False, ts.num_active, check_values=False))  # fmt: skip
         offset += c
     batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
-    y = F.conv2d(batch, weight, bias, stride, 0, dilation, groups)
+    y = F.conv2d(batch, weight, None, stride, 0, dilation, groups)  # bias: in the scatter
     scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, residual, ts.num_active,
-            check_values=False)  # fmt: skip
+            check_values=False, bias=bias)  # fmt: skip
     state.note_written(name, ts)
     return out
 

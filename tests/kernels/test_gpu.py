@@ -41,8 +41,9 @@ def test_ops_on_cuda_match_reference(n, c, h, w, th, tw, corners, dtype, atol, r
     res = torch.randn(n, c, h, w).to(dtype)
     out = torch.randn(n, c, h, w).to(dtype).to(memory_format=memory_format)
     out_g = out.cuda()
-    torch.ops.sigec.scatter(out_g, tiles.cuda(), cog, res.cuda())
-    scatter_reference(out, tiles, co, res)
+    bias = torch.randn(c).to(dtype)
+    torch.ops.sigec.scatter(out_g, tiles.cuda(), cog, res.cuda(), bias=bias.cuda())
+    scatter_reference(out, tiles, co, res, bias=bias)
     torch.testing.assert_close(out_g.cpu(), out, atol=0, rtol=0)
     work_g = out_g.clone()
     torch.ops.sigec.restore(work_g, xg, cog, th, tw)
@@ -133,3 +134,43 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol,
         torch.cuda.set_sync_debug_mode(0)
     tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
+
+
+def test_restore_batch_on_cuda_in_a_graph():
+    """One launch restores maps of three dtypes and formats; captured in a CUDA graph, a replay
+    reads the counts (and tiles) current at replay time."""
+    from sigec.kernels.restore import RestoreBatch
+
+    items, wants = [], []
+    for i, (n, c, h, w, th, tw, corners) in enumerate(p.values for p in TILE_CASES):
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[i % 3]
+        work = torch.randn(n, c, h, w, device="cuda").to(dtype)
+        if i % 2:
+            work = work.contiguous(memory_format=torch.channels_last)
+        cache = torch.randn(n, c, h, w, device="cuda").to(dtype)
+        co = corners_tensor(corners).cuda()
+        count = torch.tensor([len(corners)], dtype=torch.int32, device="cuda")
+        items.append((work, cache, co, count, th, tw))
+        want = work.cpu()
+        restore_reference(want, cache.cpu(), co.cpu(), th, tw)
+        wants.append(want)
+    batch = RestoreBatch(items)
+    assert batch.use_triton and len(batch.launches) == 3
+    originals = [it[0].clone() for it in items]
+    batch()  # compiles, outside the capture
+    for it, orig in zip(items, originals, strict=True):
+        it[0].copy_(orig)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        batch()
+    graph.replay()
+    torch.cuda.synchronize()
+    for (work, *_), want in zip(items, wants, strict=True):
+        torch.testing.assert_close(work.cpu(), want, atol=0, rtol=0)
+    for it, orig in zip(items, originals, strict=True):  # count 0: a replay copies nothing
+        it[0].copy_(orig)
+        it[3].zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for (work, *_), orig in zip(items, originals, strict=True):
+        assert torch.equal(work, orig)

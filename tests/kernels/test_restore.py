@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sigec.kernels import restore, restore_reference, restore_triton
+from sigec.kernels.restore import RestoreBatch
 from tests.kernels.cases import TILE_CASES, corners_tensor
 
 
@@ -71,3 +72,59 @@ def test_bad_input_is_a_typed_error(fn, why, override, exc, words):
     with pytest.raises(exc) as info:
         fn(**call)
     assert words in str(info.value)
+
+
+def _batch_items(dtype_of=lambda i: torch.float32):
+    """Maps of different shapes, formats, tile sizes, counts and row counts (one with none)."""
+    items, wants = [], []
+    cases = [p.values for p in TILE_CASES] + [(1, 3, 6, 6, 3, 3, [])]
+    for i, (n, c, h, w, th, tw, corners) in enumerate(cases):
+        dtype = dtype_of(i)
+        work, cache = torch.randn(n, c, h, w).to(dtype), torch.randn(n, c, h, w).to(dtype)
+        if i % 2:
+            work = work.contiguous(memory_format=torch.channels_last)
+        count = torch.tensor([max(len(corners) - 1, 0)], dtype=torch.int32) if i % 3 == 1 else None
+        want = work.clone()
+        co = corners_tensor(corners) if corners else torch.zeros(0, 2, dtype=torch.int32)
+        restore_reference(want, cache, co, th, tw, count)
+        items.append((work, cache, co, count, th, tw))
+        wants.append(want)
+    return items, wants
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["ref", "triton"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp32+fp16"])
+def test_batch_restores_every_map_like_one_restore_each(use_triton, mixed):
+    items, wants = _batch_items((lambda i: torch.float16 if i % 2 else torch.float32)
+                                if mixed else (lambda i: torch.float32))  # fmt: skip
+    batch = RestoreBatch(items, use_triton=use_triton)
+    if use_triton:
+        assert len(batch.launches) == (2 if mixed else 1)  # one launch per dtype
+    batch()
+    for (work, *_), want in zip(items, wants, strict=True):
+        torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+def test_batch_reads_the_count_at_call_time():
+    work, cache = torch.zeros(1, 2, 8, 8), torch.ones(1, 2, 8, 8)
+    count = torch.tensor([0], dtype=torch.int32)
+    batch = RestoreBatch([(work, cache, corners_tensor([(0, 0), (4, 4)]), count, 4, 4)],
+                         use_triton=True)  # fmt: skip
+    batch()
+    assert work.sum() == 0
+    count.fill_(1)  # what a CUDA-graph replay relies on: the table holds addresses, not values
+    batch()
+    assert work[0, :, :4, :4].eq(1).all() and work.sum() == 2 * 16
+
+
+def test_batch_of_nothing_is_a_no_op():
+    RestoreBatch([], use_triton=True)()
+    RestoreBatch([])()
+
+
+def test_batch_checks_each_item():
+    work = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="cache: expected the shape of work"):
+        RestoreBatch([(work, torch.randn(1, 2, 8, 7), corners_tensor([(0, 0)]), None, 4, 4)])
+    with pytest.raises(TypeError, match="cache: expected dtype"):
+        RestoreBatch([(work, work.half(), corners_tensor([(0, 0)]), None, 4, 4)])

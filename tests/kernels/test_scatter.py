@@ -7,7 +7,7 @@ from sigec.kernels import scatter, scatter_reference, scatter_triton
 from tests.kernels.cases import TILE_CASES, corners_tensor, overlapping_pair
 
 
-def loop_oracle(out, tiles, corners, residual=None):
+def loop_oracle(out, tiles, corners, residual=None, bias=None):
     """Scatter the slow, obvious way: pixel by pixel, skipping pixels outside the map."""
     out = out.clone()
     n_, c, h, w = out.shape
@@ -20,6 +20,8 @@ def loop_oracle(out, tiles, corners, residual=None):
                     y, x = y0 + dy, x0 + dx
                     if 0 <= y < h and 0 <= x < w:
                         v = tiles[n * m_total + m, :, dy, dx].float()
+                        if bias is not None:
+                            v = v + bias.float()
                         if residual is not None:
                             v = v + residual[n, :, y, x].float()
                         out[n, :, y, x] = v.to(out.dtype)
@@ -35,29 +37,48 @@ def _tiles(n, c, th, tw, m, dtype=torch.float32):
     return torch.randn(n * m, c, th, tw).to(dtype)
 
 
-@pytest.mark.parametrize("with_residual", [False, True])
+EPILOGUES = ["plain", "residual", "bias", "bias+residual"]
+
+
+def _epilogue(which, n, c, h, w, dtype=torch.float32):
+    res = torch.randn(n, c, h, w).to(dtype) if "residual" in which else None
+    bias = torch.randn(c).to(dtype) if "bias" in which else None
+    return res, bias
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("n, c, h, w, th, tw, corners", TILE_CASES)
-def test_reference_matches_loop_oracle(n, c, h, w, th, tw, corners, with_residual):
+def test_reference_matches_loop_oracle(n, c, h, w, th, tw, corners, epilogue):
     out = torch.randn(n, c, h, w)
     tiles = _tiles(n, c, th, tw, len(corners))
-    res = torch.randn(n, c, h, w) if with_residual else None
-    want = loop_oracle(out, tiles, corners, res)
-    scatter_reference(out, tiles, corners_tensor(corners), res)
-    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    res, bias = _epilogue(epilogue, n, c, h, w)
+    want = loop_oracle(out, tiles, corners, res, bias)
+    scatter_reference(out, tiles, corners_tensor(corners), res, bias=bias)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("n, c, h, w, th, tw, corners", TILE_CASES)
-def test_triton_bit_exact(n, c, h, w, th, tw, corners, with_residual, dtype):
+def test_triton_bit_exact(n, c, h, w, th, tw, corners, epilogue, dtype):
     base = torch.randn(n, c, h, w).to(dtype)
     tiles = _tiles(n, c, th, tw, len(corners), dtype)
-    res = torch.randn(n, c, h, w).to(dtype) if with_residual else None
+    res, bias = _epilogue(epilogue, n, c, h, w, dtype)
     co = corners_tensor(corners)
     got, want = base.clone(), base.clone()
-    scatter_triton(got, tiles, co, res)
-    scatter_reference(want, tiles, co, res)
+    scatter_triton(got, tiles, co, res, bias=bias)
+    scatter_reference(want, tiles, co, res, bias=bias)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_bias_is_added_once_per_written_pixel_only():
+    out = torch.zeros(1, 2, 8, 8)
+    tiles = torch.zeros(1, 2, 4, 4)
+    bias = torch.tensor([1.0, -2.0])
+    scatter_triton(out, tiles, corners_tensor([(2, 2)]), bias=bias)
+    want = torch.zeros(1, 2, 8, 8)
+    want[0, 0, 2:6, 2:6], want[0, 1, 2:6, 2:6] = 1.0, -2.0
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("impl", [scatter_reference, scatter_triton])
@@ -105,6 +126,7 @@ def test_public_op_mutates_in_place_and_opcheck():
     assert out.data_ptr() == ptr
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     torch.library.opcheck(scatter, (out, tiles, co), {"residual": torch.randn(2, 3, 6, 6)})
+    torch.library.opcheck(scatter, (out, tiles, co), {"bias": torch.randn(3)})
 
 
 BAD_CALLS = [
@@ -115,6 +137,9 @@ BAD_CALLS = [
     ("corners out of range", {"corners": corners_tensor([(9, 0)])}, ValueError, "row 0"),
     ("residual shape", {"residual": torch.randn(1, 3, 5, 6)}, ValueError, "residual: expected"),
     ("residual dtype", {"residual": torch.randn(1, 3, 6, 6).half()}, TypeError, "residual"),
+    ("bias channels", {"bias": torch.randn(4)}, ValueError, "bias: expected a contiguous [C]"),
+    ("bias rank", {"bias": torch.randn(1, 3)}, ValueError, "bias: expected a 1-D"),
+    ("bias strided", {"bias": torch.randn(6)[::2]}, ValueError, "stride"),
 ]
 
 

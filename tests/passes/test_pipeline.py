@@ -298,3 +298,35 @@ def test_a_region_inductor_cannot_compile_runs_eagerly_and_says_so(monkeypatch):
     assert torch.equal(out, t.relu())
     (again,) = region(t)  # no second try, no second warning
     assert torch.equal(again, out)
+
+
+class _Repeats(nn.Module):
+    """The same resize twice (merged), the same random op twice (never merged)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        a = self.conv(F.interpolate(x, scale_factor=0.5))
+        b = self.conv(F.interpolate(x, scale_factor=0.5))
+        noise = torch.rand_like(a) - torch.rand_like(a)
+        return a + b, noise
+
+
+def test_common_subexpressions_are_merged_but_not_random_ops():
+    from sigec.passes.capture import capture
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    gm = capture(_Repeats().eval(), (x,), {}).gm
+    before = gm(x)[0]
+    ctx = rw.PassContext(TRUNC)
+    result = rw.eliminate_common_subexpressions(gm, ctx)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.upsample_nearest2d.vec) == 1
+    assert targets.count(torch.ops.aten.conv2d.default) == 1
+    assert targets.count(torch.ops.aten.rand_like.default) == 2
+    assert result.changed == ctx.counters["subexpressions_merged"] == 2
+    torch.testing.assert_close(gm(x)[0], before, atol=0, rtol=0)
+    assert gm(x)[1].abs().sum() > 0  # the two draws stay two draws
