@@ -198,8 +198,8 @@ def _restore_batch_kernel(
     TILE_W = tl.load(d + 10)
     rows = tl.load(d + 11)
     valid = (m < rows) & (n < N)
-    count = tl.load(count_ptr, mask=valid & has_count, other=0)
-    valid = valid & ((m < count) | (not has_count))
+    count = tl.load(count_ptr, mask=valid & has_count, other=0).to(tl.int64)
+    valid = valid & (m < tl.where(has_count, count, rows))
     c_end = tl.where(valid, C, 0)  # no channels to copy: the loop below does not run
 
     offs_p = tl.arange(0, BLOCK_P)
@@ -234,7 +234,8 @@ class RestoreBatch:
     """
 
     def __init__(self, items, use_triton: bool | None = None):
-        self.items = list(items)
+        # the table holds addresses: corners must be contiguous [M, 2] (kept alive here)
+        self.items = [(w, c, co.contiguous(), n, th, tw) for w, c, co, n, th, tw in items]
         for work, cache, corners, count, th, tw in self.items:
             _check(work, cache, corners, th, tw, count, check_values=False)
         cuda = bool(self.items) and self.items[0][0].is_cuda
