@@ -69,7 +69,8 @@ class SparseConfig:
         dense_regions: how the edit graph's dense parts (runs of plain ATen ops: resolutions below
             ``sparse_min_resolution``, global ops, fallbacks) run on CUDA: "inductor" (each run
             compiled once, on the first edit: fused norms and pointwise ops, no layout
-            conversions) or "eager". On the CPU they run eagerly.
+            conversions) or "eager". On the CPU they run eagerly. "inductor" also compiles the
+            CUDA-graph path's count graph (mask pyramid, tile grids, counts).
         tile_expressions: how multi-op expressions on tiles (a SPADE modulation, a transformer
             block's feed-forward: ``tile_op`` with a GraphModule) run on CUDA: "inductor" (one
             compile per expression, dynamic in the tile count: its pointwise ops become one
