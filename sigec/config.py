@@ -75,6 +75,10 @@ class SparseConfig:
             block's feed-forward: ``tile_op`` with a GraphModule) run on CUDA: "inductor" (one
             compile per expression, dynamic in the tile count: its pointwise ops become one
             kernel) or "eager". On the CPU they run eagerly.
+        pass_tiles: scatter -> gather fusion on one tile list: where a map is only ever read at
+            the tiles its producer writes, by tile ops and attention on the same tile list, the
+            producer hands its tile batch to the readers and the map is never built (no scatter,
+            no gathers, no working map; ``pipeline.pass_tiles``).
     """
 
     mask_policy: str = "truncated"
@@ -95,6 +99,7 @@ class SparseConfig:
     conv_kernel: str = "auto"
     dense_regions: str = "inductor"
     tile_expressions: str = "inductor"
+    pass_tiles: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:

@@ -116,6 +116,8 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
     ctx.bump("dense_fallbacks", len(fallbacks))
     private = _private_maps(edit_gm, ctx)
     ctx.bump("private_maps", len(private))
+    passed = pass_tiles(edit_gm, private, ctx) if config.pass_tiles else frozenset()
+    ctx.bump("tiles_passed", len(passed))
     spatial_inputs = [v for v, k in zip(cap.flat_inputs, kinds, strict=True) if k == "spatial"]
     example_meta = [
         (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
@@ -129,7 +131,7 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
         example_meta=example_meta,
         input_kinds=kinds,
         input_names=cap.input_names,
-        maps=dict(ctx.maps),
+        maps={k: v for k, v in ctx.maps.items() if k not in passed},  # passed: no map at all
         statics=tuple(ctx.statics),
         norms=tuple(ctx.norms),
         tile_requests=dict(ctx.tile_requests),
@@ -175,6 +177,39 @@ def _private_maps(edit_gm: torch.fx.GraphModule, ctx) -> frozenset[str]:
         if all(_reads_only_tiles(u, node, key) for u in node.users):
             private.add(name)
     return frozenset(private)
+
+
+def pass_tiles(edit_gm: torch.fx.GraphModule, private: frozenset, ctx) -> frozenset[str]:
+    """Scatter -> gather fusion on one tile list: a private map whose producer is a ``tile_op`` or
+    ``sparse_attention`` and whose readers all are too (they gather it at the same tiles) is never
+    built. The producer returns its tile batch (``as_tiles``) and each reader takes it as its
+    operand (flag ``ops.TILES``, or ``q_tiles``): per map one scatter and one gather per reader
+    fewer, and no working map. Inside a transformer block: the LayerNorm outputs, queries and
+    attention outputs. Returns the maps it removed."""
+    passing = (ops.tile_op, ops.sparse_attention)
+    passed = set()
+    for node in edit_gm.graph.nodes:
+        if node.op != "call_function" or node.target not in passing:
+            continue
+        name = node.kwargs["name"]
+        if name not in private or not all(u.target in passing for u in node.users):
+            continue
+        n = ctx.maps[name][0][0]
+        node.kwargs = {**node.kwargs, "as_tiles": ctx.maps[name][1], "batch": n}
+        for user in list(node.users):
+            if user.target is ops.sparse_attention:  # private: the producer is its queries only
+                user.kwargs = {**user.kwargs, "q_tiles": True, "batch": n}
+                continue
+            state, tiles, fn, args, kwargs, flags = user.args
+            marks, spec = pytree.tree_flatten(flags)
+            leaves = pytree.tree_leaves((args, kwargs))
+            marks = [ops.TILES if a is node else f for a, f in zip(leaves, marks, strict=True)]
+            user.args = (state, tiles, fn, args, kwargs, pytree.tree_unflatten(marks, spec))
+            user.kwargs = {**user.kwargs, "batch": n}
+        passed.add(name)
+    edit_gm.graph.lint()
+    edit_gm.recompile()
+    return frozenset(passed)
 
 
 def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str) -> bool:

@@ -157,26 +157,36 @@ def _use_fused(kernel: str, scale, shift, act: str, weight: torch.Tensor) -> boo
     return plain and weight[0].numel() <= FUSED_MAX_K
 
 
+TILES = "tiles"  # a ``tile_op`` flag: the operand already is this tile list's tile batch
+
+
 def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
-            compiled: bool = False) -> torch.Tensor:  # fmt: skip
+            compiled: bool = False, as_tiles: torch.dtype | None = None,
+            batch: int | None = None) -> torch.Tensor:  # fmt: skip
     """Run ``fn`` on tiles: gather every map operand (``flags`` marks them), scatter the result.
 
     ``fn`` is an ATen op, the name of a function of this module (``TILE_FUNCTIONS``) or an
     expression (a GraphModule). Non-map tensor operands that carry the batch (``[N, ...]`` with
     N > 1) are repeated per tile. ``compiled``: on CUDA, run ``fn`` compiled by inductor.
+
+    Scatter -> gather fusion on one tile list (``pipeline.pass_tiles``): an operand flagged
+    ``TILES`` is the tile batch its producer returned instead of scattering it, and with
+    ``as_tiles`` (the map's dtype) this op returns its own tile batch ``[N*M, C, th, tw]`` in that
+    dtype: no working map, no scatter, no gather. ``batch`` (N) is set whenever either is used.
     """
     fn = TILE_FUNCTIONS.get(fn, fn) if isinstance(fn, str) else fn
-    out_is_cuda = state.work(name).is_cuda
-    if compiled and out_is_cuda:
-        fn = _compiled_expression(fn)
     ts = tiles[tile_key]
-    out = state.work(name)
-    n = out.shape[0]
+    out = None if as_tiles is not None else state.work(name)
+    if compiled and ts.out_corners.is_cuda:
+        fn = _compiled_expression(fn)
+    n = out.shape[0] if out is not None else batch
     m = ts.out_corners.shape[0]
     th, tw = ts.out_tile
 
     def to_tiles(value, is_map):
         if not isinstance(value, torch.Tensor):
+            return value
+        if is_map == TILES:
             return value
         if is_map:
             t = gather(value, ts.out_corners, th, tw, num_active=ts.num_active, check_values=False)
@@ -188,6 +198,8 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
     targs = pytree.tree_map(to_tiles, args, flags[0])
     tkwargs = pytree.tree_map(to_tiles, kwargs, flags[1])
     y = fn(*targs, **tkwargs)
+    if as_tiles is not None:
+        return y.to(as_tiles)
     scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
             num_active=ts.num_active, check_values=False)  # fmt: skip
     state.note_written(name, ts)
@@ -296,25 +308,33 @@ def attention_channels(q, k, v, heads: int, scale: float | None) -> torch.Tensor
 
 
 def sparse_attention(state, tiles, q, k, v, *, heads: int, scale: float | None, name: str,
-                     tile_key: str) -> torch.Tensor:  # fmt: skip
+                     tile_key: str, q_tiles: bool = False, as_tiles: torch.dtype | None = None,
+                     batch: int | None = None) -> torch.Tensor:  # fmt: skip
     """Attention for the queries of the active tiles only, against all keys and values.
 
     ``k``/``v`` are the full key/value maps (self-attention: the edit updated them at its active
     tiles) or cached token tensors (cross-attention: computed at record). The result is scattered
-    into the working map of ``name``.
+    into the working map of ``name``. Scatter -> gather fusion (``pipeline.pass_tiles``):
+    ``q_tiles``: ``q`` already is the queries' tile batch; ``as_tiles``: return the output tile
+    batch in that dtype instead of scattering it; ``batch``: N, set whenever either is.
     """
     ts = tiles[tile_key]
-    out = state.work(name)
-    b = out.shape[0]
     th, tw = ts.out_tile
-    qt = gather(q, ts.out_corners, th, tw, num_active=ts.num_active, check_values=False)
-    m, c, cv = qt.shape[0] // b, q.shape[1], out.shape[1]
-    state.note_written(name, ts)
-    if m == 0:  # nothing active (an exact list can be empty)
-        return out
+    qt = q if q_tiles else gather(q, ts.out_corners, th, tw, num_active=ts.num_active,
+                                  check_values=False)  # fmt: skip
+    b = batch if batch is not None else q.shape[0]
+    m, c = qt.shape[0] // b, qt.shape[1]
+    out = None
+    if as_tiles is None:
+        out = state.work(name)
+        state.note_written(name, ts)
+        if m == 0:  # nothing active (an exact list can be empty)
+            return out
     rows = qt.reshape(b, m, c, th, tw).permute(0, 1, 3, 4, 2).reshape(b, m * th * tw, c)
     o = attention_rows(rows, _tokens(k), _tokens(v), heads, scale)
-    y = o.reshape(b * m, th, tw, cv).permute(0, 3, 1, 2)  # channels-last tiles: a view
+    y = o.reshape(b * m, th, tw, o.shape[-1]).permute(0, 3, 1, 2)  # channels-last tiles: a view
+    if out is None:
+        return y.to(as_tiles)
     scatter(out, y.to(out.dtype).contiguous(memory_format=_fmt(out)), ts.out_corners,
             num_active=ts.num_active, check_values=False)  # fmt: skip
     return out

@@ -330,3 +330,66 @@ def test_common_subexpressions_are_merged_but_not_random_ops():
     assert result.changed == ctx.counters["subexpressions_merged"] == 2
     torch.testing.assert_close(gm(x)[0], before, atol=0, rtol=0)
     assert gm(x)[1].abs().sum() > 0  # the two draws stay two draws
+
+
+def _gather_scatter_calls(engine, args, kwargs, x, mask):
+    """sigec::gather / sigec::scatter calls of one edit (a dispatch-mode count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = {"gather": 0, "scatter": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            name = func.__name__.split(".")[0]
+            if name in calls:
+                calls[name] += 1
+            return func(*a, **(kw or {}))
+
+    with Count():
+        out = engine.edit(x, *args[1:], mask=mask, **kwargs)
+    return calls, out.sample
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graph-path"])
+def test_passed_tiles_skip_the_map_and_keep_the_result(cuda_graphs):
+    """Scatter -> gather fusion on one tile list (``pass_tiles``): SD's transformer blocks hand
+    LayerNorm outputs, queries and attention outputs to their readers as tile batches. The maps
+    are gone (no buffers), each edit launches fewer gathers and scatters, and the result is
+    bit-identical to building the maps."""
+    from sigec.models.configs import MODELS, build
+    from sigec.runtime.masks import blob_mask
+
+    model, args, kwargs = build("sd15-unet-tiny", seed=0)
+    mask = blob_mask(*args[0].shape[-2:], 0.1, seed=0, num_blobs=1)
+    x = torch.where(mask, torch.randn_like(args[0]), args[0])
+    runs = {}
+    for passing in (False, True):
+        config = sigec.SparseConfig(**MODELS["sd15-unet-tiny"].sige_config, pass_tiles=passing,
+                                    cuda_graphs=cuda_graphs)  # fmt: skip
+        engine = sigec.compile(model, args, kwargs, config=config)
+        engine.record(*args, **kwargs)
+        engine.edit(x * 0.5, *args[1:], mask=mask, **kwargs)  # a previous edit to undo
+        runs[passing] = (engine, *_gather_scatter_calls(engine, args, kwargs, x, mask))
+    (plain, calls0, out0), (fused, calls1, out1) = runs[False], runs[True]
+    prog = fused.program
+    passed = set(plain.program.maps) - set(prog.maps)
+    assert len(passed) == prog.counters["tiles_passed"] > 0
+    assert passed <= set(plain.program.private_maps)
+    buffers = dict(fused.slots["0"].named_buffers())
+    assert not any(f"work__{name}" in buffers for name in passed)
+    assert fused.stats()["cache_bytes"] < plain.stats()["cache_bytes"]
+    assert calls1["gather"] < calls0["gather"] and calls1["scatter"] < calls0["scatter"]
+    assert calls0["scatter"] - calls1["scatter"] == len(passed)  # one scatter per passed map
+    assert torch.equal(out0, out1)
+
+
+def test_maps_read_with_a_halo_are_never_passed():
+    """GauGAN's and DDPM's tile ops feed convolutions (which read halos) or other tile lists:
+    nothing to pass there."""
+    from sigec.models.configs import MODELS, build
+
+    for name in ("gaugan-tiny", "ddpm-tiny"):
+        model, args, kwargs = build(name, seed=0)
+        config = sigec.SparseConfig(**MODELS[name].sige_config)
+        prog = build_program(model, args, kwargs, config)
+        assert prog.counters["tiles_passed"] == 0
