@@ -1,11 +1,14 @@
-"""Which line of sigec launches an edit's GPU time: kernels attributed to their source sites.
+"""Which code launches an edit's GPU time: kernels by the op chain that launched them, and the
+ops each line of sigec dispatches.
 
     python benchmarks/profile_sites.py --models sd15-unet-512 --out sites.json
 
 CUDA-graph replays hide who launched what, so this profiles one edit of the same static-shape
-configuration run *without* graphs (``tile_lists="grid"``, the kernels a graph replays), with
-Python stacks, and charges every ATen / sigec op's self CUDA time and call count to the innermost
-``sigec/`` frame that called it (``file:line:function``), and to the op. Never asserts.
+configuration run *without* graphs (``tile_lists="grid"``, the kernels a graph replays):
+``by_op`` charges every kernel's CUDA time to the chain of ops above its launch
+(``sigec::gather > aten::contiguous > aten::clone > aten::copy_``); ``dispatched`` counts the
+ATen / sigec ops each ``sigec/`` line dispatches in one more edit (``file:line:function [op]``).
+Never asserts.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 import traceback
 from pathlib import Path
 
@@ -25,26 +27,6 @@ import sigec
 from sigec.models.configs import MODELS, build_on
 from sigec.runtime.masks import blob_mask
 
-_FRAME = re.compile(r"sigec/(?!.*benchmarks)(.+?\.py)\((\d+)\): (\S+)")
-
-
-def site_of(ev) -> str:
-    """The innermost ``sigec/`` Python frame above a profiler op event, or "(outside)".
-
-    The Python tracer records frames as parent events named ``path(line): function``; older
-    profilers put them in ``ev.stack`` (innermost first) instead.
-    """
-    frames = list(ev.stack or [])
-    parent = ev.cpu_parent
-    while parent is not None:
-        frames.append(parent.name)
-        parent = parent.cpu_parent
-    for frame in frames:
-        m = _FRAME.search(frame)
-        if m:
-            return f"{m.group(1)}:{m.group(2)}:{m.group(3)}"
-    return "(outside)"
-
 
 def op_of(ev, depth: int = 4) -> str:
     """The op chain above a launch, outermost first (``aten::cudnn_convolution > aten::copy_``):
@@ -52,7 +34,7 @@ def op_of(ev, depth: int = 4) -> str:
     Python frames."""
     chain = []
     while ev is not None and len(chain) < depth:
-        if not ev.name.startswith("cu") and not _FRAME.search(ev.name) and ".py(" not in ev.name:
+        if not ev.name.startswith("cu") and ".py(" not in ev.name:
             chain.append(ev.name)
         ev = ev.cpu_parent
     return " > ".join(reversed(chain))
@@ -87,13 +69,12 @@ def profile_sites(name: str, fraction: float, overrides: dict) -> dict:
     for _ in range(3):  # compiles regions and expressions
         engine.edit(x_edit, *rest, mask=mask, **kwargs)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.edit(x_edit, *rest, mask=mask, **kwargs)
         torch.cuda.synchronize()
     with _Sites() as sites:  # the ops each line dispatches (this works on any profiler version)
         engine.edit(x_edit, *rest, mask=mask, **kwargs)
         torch.cuda.synchronize()
-    by_site: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     by_op: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CPU or not ev.kernels:
@@ -102,10 +83,7 @@ def profile_sites(name: str, fraction: float, overrides: dict) -> dict:
         if any(child.kernels for child in ev.cpu_children):
             continue
         ms = sum(k.duration for k in ev.kernels) / 1e3
-        site, op = site_of(ev), op_of(ev)
-        key = f"{site} [{op}]"
-        by_site[key][0] += ms
-        by_site[key][1] += len(ev.kernels)
+        op = op_of(ev)
         by_op[op][0] += ms
         by_op[op][1] += len(ev.kernels)
 
@@ -118,7 +96,7 @@ def profile_sites(name: str, fraction: float, overrides: dict) -> dict:
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "kernels": sum(v[1] for v in by_op.values()),
         "gpu_ms": round(sum(v[0] for v in by_op.values()), 3),
-        "by_site": top(by_site, 60), "by_op": top(by_op, 40),
+        "by_op": top(by_op, 40),
         "dispatched": dict(sites.count.most_common(80)),
     }  # fmt: skip
 
@@ -132,8 +110,6 @@ def main() -> None:
     results = [profile_sites(m, args.fraction, {}) for m in args.models]
     for r in results:
         print(r["model"], r["kernels"], "kernels", r["gpu_ms"], "ms")
-        for row in r["by_site"][:40]:
-            print(f"  {row['ms']:8.3f} ms {row['kernels']:5d}  {row['where']}")
         for row in r["by_op"][:25]:
             print(f"  {row['ms']:8.3f} ms {row['kernels']:5d}  {row['where']}")
         for where, n in list(r["dispatched"].items())[:40]:
