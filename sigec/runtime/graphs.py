@@ -31,7 +31,14 @@ import torch
 from sigec.kernels.restore import RestoreBatch
 from sigec.runtime.dense import CompiledOrEager
 from sigec.runtime.inputs import raise_if_stale
-from sigec.runtime.tiles import TileTable, edit_masks, grid_size, tile_counts, tile_grids
+from sigec.runtime.tiles import (
+    TileTable,
+    edit_masks,
+    full_tile_lists,
+    grid_size,
+    tile_counts,
+    tile_grids,
+)
 
 
 def entry_key(entry: _Entry) -> tuple:
@@ -89,7 +96,7 @@ class GraphedEdits:
         self.timings: dict[tuple, dict] = {}  # capacities -> measured ms of both
         self.dense: _Entry | None = None
         self.count_graph, self.count_out = None, None
-        self.masks: tuple[dict, dict] = ({}, {})  # this edit's masks and tile grids
+        self.masks: tuple = ({}, {}, {})  # this edit's masks, tile grids and full tile lists
         self.dense_fn = engine.dense_callable()  # what the cost model's dense path runs
         self.ran_dense = False
         # one-launch restores (device tables of buffer addresses: built before any capture)
@@ -106,8 +113,8 @@ class GraphedEdits:
 
     def _body(self, caps: dict, restore_caps: dict) -> tuple[list, TileTable]:
         prog, state = self.program, self.state
-        masks, grids = self.masks  # computed by the count graph of this edit (static tensors)
-        tiles = TileTable(prog, masks, capacities=caps, grids=grids)
+        masks, grids, full = self.masks  # from the count graph of this edit (static tensors)
+        tiles = TileTable(prog, masks, capacities=caps, grids=grids, full=full)
         self._restorer("undo", restore_caps)()  # undo the previous edit: as many rows as it had
         state.written, state.pending_norm_sums = {}, {}
         outs = list(self.edit_gm(state, tiles, *self.static_inputs))
@@ -194,18 +201,20 @@ class GraphedEdits:
             return self.dense.outs
         return list(self.dense_fn(*self.static_inputs))
 
-    def _count_body(self) -> tuple[torch.Tensor, tuple[dict, dict]]:
+    def _count_body(self) -> tuple[torch.Tensor, tuple[dict, dict, dict]]:
         return self._count_fn(self.static_mask)
 
-    def _count_impl(self, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[dict, dict]]:
+    def _count_impl(self, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[dict, dict, dict]]:
         masks = edit_masks(self.program, mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
         grids = tile_grids(self.program, masks, self.keys)
-        return tile_counts(self.program, grids, self.keys), (masks, grids)
+        full = full_tile_lists(self.program, masks, grids, self.keys)
+        return tile_counts(self.program, grids, self.keys), (masks, grids, full)
 
     def _counts(self) -> torch.Tensor:
-        """Active tiles per list, from a small graph of its own on CUDA (one replay). Its masks
-        and tile grids stay in ``self.masks`` for the edit graph, which does not recompute them
+        """Active tiles per list, from a small graph of its own on CUDA (one replay). Its masks,
+        tile grids and full-grid tile lists stay in ``self.masks`` for the edit graph, which
+        slices the lists to its capacities and recomputes none of them
         (the graph's outputs are static tensors, alive as long as this object)."""
         if self.pool is None:
             counts, self.masks = self._count_body()

@@ -72,8 +72,12 @@ class TileTable:
     """
 
     def __init__(self, program: Program, masks: dict, pad_to_grid: bool = False,
-                 capacities: dict[str, int] | None = None, grids: dict | None = None):  # fmt: skip
+                 capacities: dict[str, int] | None = None, grids: dict | None = None,
+                 full: dict | None = None):  # fmt: skip
+        """``full``: ``full_tile_lists`` of this edit's masks; with ``capacities``, each list is
+        then the first ``capacity`` rows of its full list (views: no kernel at all)."""
         self.program = program
+        self.full = full
         self.masks = masks
         self.grids = grids or {}  # (mask key, tile) -> tile_grid, where already computed
         self.pad_to_grid = pad_to_grid
@@ -88,6 +92,11 @@ class TileTable:
         return ts
 
     def _make(self, req: TileRequest, key: str) -> TileSet:
+        if self.full is not None and self.capacities is not None:
+            out_corners, in_corners, count = self.full[key]
+            cap = self.capacities[key]  # >= the active count: the rows past it are padding
+            return TileSet(out_corners[:cap], in_corners[:cap], req.tile,
+                           _in_tile(req), count)  # fmt: skip
         mask = self.masks[req.mask]
         capacity = None
         if self.capacities is not None:
@@ -102,19 +111,35 @@ class TileTable:
                                       .get(req.tile))  # fmt: skip
             self._indices[ikey] = tiles_at(idx, count, (1, 1), (1, 1), (0, 0), req.tile)
         base = self._indices[ikey]  # out corners are shared; in corners follow the geometry
-        th, tw = req.tile
-        in_tile = ((th - 1) * req.stride[0] + req.kernel[0], (tw - 1) * req.stride[1]
-                   + req.kernel[1])  # fmt: skip
-        ts = TileSet(base.out_corners, in_corners_of(base.out_corners, req.stride, req.padding),
-                     req.tile, in_tile, base.num_active)  # fmt: skip
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
-            f = req.in_scale
-            ts = TileSet(ts.out_corners, ts.out_corners // f, ts.out_tile,
-                         (req.tile[0] // f, req.tile[1] // f), ts.num_active)  # fmt: skip
-        return ts
+            in_corners = base.out_corners // req.in_scale
+        else:
+            in_corners = in_corners_of(base.out_corners, req.stride, req.padding)
+        return TileSet(base.out_corners, in_corners, req.tile, _in_tile(req), base.num_active)
 
     def used(self) -> dict[str, TileSet]:
         return dict(self._sets)
+
+
+def _in_tile(req: TileRequest) -> tuple[int, int]:
+    """Input tile size of a request: the conv's receptive field of an output tile, or the tile at
+    the lower resolution for nearest upsampling (``in_scale``)."""
+    th, tw = req.tile
+    if req.in_scale != 1:
+        return th // req.in_scale, tw // req.in_scale
+    return (th - 1) * req.stride[0] + req.kernel[0], (tw - 1) * req.stride[1] + req.kernel[1]
+
+
+def full_tile_lists(program: Program, masks: dict, grids: dict, keys) -> dict:
+    """``{key: (out_corners, in_corners, count)}``: every tile list padded to its whole grid.
+
+    The CUDA-graph path computes them in its count graph (one compiled graph, before the edit's
+    sync); each edit graph then takes the first ``capacity`` rows, so the edit graph itself runs
+    no tile-list bookkeeping. Lists of one mask and tile size share their indices.
+    """
+    table = TileTable(program, masks, pad_to_grid=True, grids=grids)
+    return {k: (ts.out_corners, ts.in_corners, ts.num_active)
+            for k in keys for ts in (table[k],)}  # fmt: skip
 
 
 def grid_size(req: TileRequest, res) -> int:

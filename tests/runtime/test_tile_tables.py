@@ -1,0 +1,74 @@
+"""Tile lists of the CUDA-graph path: the count graph's full-grid lists, sliced to a capacity,
+equal lists computed at that capacity; the edit graph then does no tile-list work."""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sigec
+from sigec.models.configs import MODELS, build
+from sigec.runtime.graphs import bucket
+from sigec.runtime.masks import blob_mask
+from sigec.runtime.tiles import (
+    TileTable,
+    edit_masks,
+    full_tile_lists,
+    grid_size,
+    tile_counts,
+    tile_grids,
+)
+
+
+def _program(name):
+    model, args, kwargs = build(name, seed=0)
+    config = sigec.SparseConfig(**MODELS[name].sige_config, cuda_graphs=True)
+    return sigec.compile(model, args, kwargs, config=config), args, kwargs
+
+
+@pytest.mark.parametrize("name", ["sd15-unet-tiny", "gaugan-tiny", "ddpm-tiny"])
+@pytest.mark.parametrize("fraction", [0.02, 0.2])
+def test_sliced_full_lists_equal_lists_at_the_capacity(name, fraction):
+    engine, args, _ = _program(name)
+    prog, config = engine.program, engine.config
+    mask = blob_mask(*args[0].shape[-2:], fraction, seed=1, num_blobs=2)[None]
+    masks = edit_masks(prog, mask, config.mask_threshold, config.mask_level_dilation)
+    keys = sorted(prog.tile_requests)
+    grids = tile_grids(prog, masks, keys)
+    counts = tile_counts(prog, grids, keys).tolist()
+    full = full_tile_lists(prog, masks, grids, keys)
+    for slack in (0, 1):  # the bucket itself, and a larger one
+        caps = {}
+        for k, c in zip(keys, counts, strict=True):
+            grid = grid_size(prog.tile_requests[k], masks[prog.tile_requests[k].mask].shape[-2:])
+            caps[k] = min(bucket(int(c), grid) * (2 if slack else 1), grid)
+        want = TileTable(prog, masks, capacities=caps, grids=grids)
+        got = TileTable(prog, masks, capacities=caps, grids=grids, full=full)
+        for k in keys:
+            a, b = want[k], got[k]
+            assert (a.out_tile, a.in_tile) == (b.out_tile, b.in_tile), k
+            assert torch.equal(a.num_active, b.num_active), k
+            n = int(a.num_active)  # rows past the count are padding: their values do not matter
+            assert torch.equal(a.out_corners[:n], b.out_corners[:n]), k
+            assert torch.equal(a.in_corners[:n], b.in_corners[:n]), k
+            assert b.capacity == caps[k]
+
+
+def test_the_edit_graph_runs_no_tile_list_work():
+    engine, args, kwargs = _program("sd15-unet-tiny")
+    x = args[0]
+    engine.record(*args, **kwargs)
+    mask = blob_mask(*x.shape[-2:], 0.05, seed=0, num_blobs=1)
+    engine.edit(torch.where(mask, torch.randn_like(x), x), *args[1:], mask=mask, **kwargs)
+    runner = engine.slots["0"].graphs
+    ops = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            ops[func.__name__.split(".")[0]] += 1
+            return func(*a, **(kw or {}))
+
+    with Count():
+        runner._body(runner.last.capacities, dict(runner.prev))
+    assert ops["nonzero_static"] == 0 and ops["floor_divide"] == 0  # all in the count graph
