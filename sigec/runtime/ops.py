@@ -175,6 +175,8 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
     dtype: no working map, no scatter, no gather. ``batch`` (N) is set whenever either is used.
     """
     fn = TILE_FUNCTIONS.get(fn, fn) if isinstance(fn, str) else fn
+    if as_tiles is not None and batch is None:
+        raise ValueError(f"{name}: a tile op returning its tile batch needs batch= (N)")
     ts = tiles[tile_key]
     out = None if as_tiles is not None else state.work(name)
     if compiled and ts.out_corners.is_cuda:
@@ -318,6 +320,8 @@ def sparse_attention(state, tiles, q, k, v, *, heads: int, scale: float | None, 
     ``q_tiles``: ``q`` already is the queries' tile batch; ``as_tiles``: return the output tile
     batch in that dtype instead of scattering it; ``batch``: N, set whenever either is.
     """
+    if (q_tiles or as_tiles is not None) and batch is None:
+        raise ValueError(f"{name}: attention on passed tile batches needs batch= (N)")
     ts = tiles[tile_key]
     th, tw = ts.out_tile
     qt = q if q_tiles else gather(q, ts.out_corners, th, tw, num_active=ts.num_active,

@@ -393,3 +393,13 @@ def test_maps_read_with_a_halo_are_never_passed():
         config = sigec.SparseConfig(**MODELS[name].sige_config)
         prog = build_program(model, args, kwargs, config)
         assert prog.counters["tiles_passed"] == 0
+
+
+def test_passing_tiles_without_the_batch_size_is_refused():
+    """A hand-built graph that passes tile batches must say N: the batch has N*M rows."""
+    with pytest.raises(ValueError, match="needs batch="):
+        ops.tile_op(None, {}, "sigec.affine", (), {}, ((), {}), name="m", tile_key="k",
+                    as_tiles=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="needs batch="):
+        ops.sparse_attention(None, {}, torch.zeros(4, 2, 2, 2), None, None, heads=1, scale=None,
+                             name="m", tile_key="k", q_tiles=True)  # fmt: skip
