@@ -332,8 +332,10 @@ def sparse_attention(state, tiles, q, k, v, *, heads: int, scale: float | None, 
     if as_tiles is None:
         out = state.work(name)
         state.note_written(name, ts)
-        if m == 0:  # nothing active (an exact list can be empty)
+    if m == 0:  # nothing active (an exact list can be empty): no attention on zero rows
+        if out is not None:
             return out
+        return qt.new_empty((0, _tokens(v).shape[-1], th, tw), dtype=as_tiles)
     rows = qt.reshape(b, m, c, th, tw).permute(0, 1, 3, 4, 2).reshape(b, m * th * tw, c)
     o = attention_rows(rows, _tokens(k), _tokens(v), heads, scale)
     y = o.reshape(b * m, th, tw, o.shape[-1]).permute(0, 3, 1, 2)  # channels-last tiles: a view

@@ -403,3 +403,16 @@ def test_passing_tiles_without_the_batch_size_is_refused():
     with pytest.raises(ValueError, match="needs batch="):
         ops.sparse_attention(None, {}, torch.zeros(4, 2, 2, 2), None, None, heads=1, scale=None,
                              name="m", tile_key="k", q_tiles=True)  # fmt: skip
+
+
+def test_attention_on_an_empty_passed_batch_returns_an_empty_batch():
+    """An exact tile list can be empty: no attention runs on zero query rows."""
+    from sigec.runtime.masks import TileSet
+
+    empty = torch.zeros(0, 2, dtype=torch.int32)
+    tiles = {"k": TileSet(empty, empty, (2, 2), (2, 2), None)}
+    v = torch.randn(2, 6, 4, 4)
+    y = ops.sparse_attention(None, tiles, torch.zeros(0, 8, 2, 2), v, v, heads=2, scale=None,
+                             name="m", tile_key="k", q_tiles=True, as_tiles=torch.float32,
+                             batch=2)  # fmt: skip
+    assert y.shape == (0, 6, 2, 2) and y.dtype == torch.float32
