@@ -10,7 +10,9 @@ without; ``--bf16``: also in bf16; ``--conv-ab``: also with the other conv kerne
 KEY=VALUE``: also with a SparseConfig field changed): median edit time, ratios to both dense
 baselines, PSNR against the dense model on the edited input (same dtype), max abs error outside
 the mask, executed MACs, cache bytes per slot, capture counts. At 1.2 % one edit of each variant
-is profiled: kernels launched, GPU busy time vs wall time, time per op class. Results are merged
+(and at ``--profile-at``: 30 and 100 %) is profiled: kernels launched, GPU busy time vs wall
+time, time per op class; and every graph-path edit's time is split into the replayed graph alone,
+the count graph with its sync, and the host rest. Results are merged
 into ``--out`` (one entry per model), so models can run in separate processes. Never asserts;
 never run by the tests.
 """
@@ -87,6 +89,30 @@ def profile_call(fn) -> dict:
         "ms_by_op_class": {k: round(v, 3) for k, v in by_class.most_common()},
         "top_kernels_ms": {k: round(v, 3) for k, v in by_name.most_common(15)},
     }
+
+
+def cache_by_kind(slot) -> dict:
+    """Bytes of a slot's buffers by kind: cache__ / work__ maps, static__ values, norm__
+    statistics, input__ records, anything else."""
+    kinds = collections.Counter()
+    for key, buf in slot.named_buffers():
+        kind = key.split("__")[0] if "__" in key else "other"
+        kinds[kind] += buf.numel() * buf.element_size()
+    return dict(kinds)
+
+
+def host_breakdown(fn, runner, device, rep: int) -> dict:
+    """Where one graph-path edit's time goes (CUDA events, same process, same edit): the whole
+    edit, the graph the edit replayed alone, the count graph with its host sync alone; "host"
+    is the rest (checks, bucket choice, input copies, launch gaps)."""
+    graph = runner.dense.graph if runner.ran_dense else runner.last.graph
+    edit = time_ms(fn, 3, rep, device)
+    replay = time_ms(graph.replay, 3, rep, device)
+    count = time_ms(lambda: runner._counts().tolist(), 3, rep, device)
+    fn()  # leave the engine as the edit left it
+    return {"edit": round(edit, 4), "graph_replay": round(replay, 4),
+            "count_graph_and_sync": round(count, 4),
+            "host_rest": round(edit - replay - count, 4)}  # fmt: skip
 
 
 def run_model(name: str, args) -> dict:
@@ -179,9 +205,11 @@ def run_model(name: str, args) -> dict:
                 }  # fmt: skip
                 row["speedup_vs_eager"] = round(out["dense_eager_ms"] / row["edit_ms"], 2)
                 row["speedup_vs_compiled"] = round(out["dense_compiled_ms"] / row["edit_ms"], 2)
-                if fraction == args.fractions[0]:
+                runner = engine.slots["0"].graphs
+                if runner is not None and runner.pool is not None:
+                    row["breakdown_ms"] = host_breakdown(fn, runner, device, rep)
+                if fraction in args.profile_at or fraction == args.fractions[0]:
                     row["profile"] = profile_call(fn)
-                    runner = engine.slots["0"].graphs
                     if st["ran_dense"] and runner is not None:  # the sparse graph's breakdown
                         saved = dict(runner.choice)
                         runner.choice = {k: "sparse" for k in saved}
@@ -191,6 +219,7 @@ def run_model(name: str, args) -> dict:
                 print(name, vname, {k: r for k, r in row.items() if k != "profile"}, flush=True)
             v["cache_bytes"] = st["cache_bytes"]
             slot = engine.slots["0"]
+            v["cache_bytes_by_kind"] = cache_by_kind(slot)
             v["graph_captures"] = slot.graphs.captures if slot.graphs is not None else 0
             if slot.graphs is not None:  # the cost model's measurements: capacities -> ms
                 v["cost_model_ms"] = [t for t in slot.graphs.timings.values()]
@@ -225,6 +254,8 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="also run a variant with this string SparseConfig field changed",
     )
+    p.add_argument("--profile-at", type=float, nargs="*", default=[0.30, 1.0],
+                   help="also profile an edit at these fractions")  # fmt: skip
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/suite.json"))
     args = p.parse_args()
