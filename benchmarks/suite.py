@@ -81,7 +81,12 @@ def profile_call(fn) -> dict:
         by_name[e.name[:80]] += e.device_time / 1e3
     syncs = sum(o.count for o in prof.key_averages()
                 if o.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))  # fmt: skip
+    try:  # a profiler without GPU timestamps must not cost the model's results
+        when = timeline(prof.events(), kernels)
+    except Exception as e:
+        when = {"error": repr(e)}
     return {
+        "timeline": when,
         "kernels": len(kernels),
         "gpu_busy_ms": round(sum(e.device_time for e in kernels) / 1e3, 3),
         "wall_ms_profiled": round(wall, 3),
@@ -99,6 +104,38 @@ def cache_by_kind(slot) -> dict:
         kind = key.split("__")[0] if "__" in key else "other"
         kinds[kind] += buf.numel() * buf.element_size()
     return dict(kinds)
+
+
+def timeline(events, kernels) -> dict:
+    """When the GPU worked during one profiled call: from the call's first host op to the last
+    kernel's end, the GPU gaps over 20 us (where, after which kernel), and the host time of the
+    runtime calls (graph launches, syncs, copies)."""
+    if not kernels:
+        return {}
+    t0 = min(e.time_range.start for e in events)
+    ks = sorted(kernels, key=lambda e: e.time_range.start)
+    gaps, end = [], ks[0].time_range.end
+    for prev, k in zip(ks, ks[1:], strict=False):
+        end = max(end, prev.time_range.end)
+        if k.time_range.start - end > 20:
+            gaps.append((round((end - t0) / 1e3, 3), round((k.time_range.start - end) / 1e3, 3),
+                         prev.name[:60]))  # fmt: skip
+    api = collections.defaultdict(list)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            api[e.name].append(((e.time_range.start - t0) / 1e3, e.cpu_time_total / 1e3))
+    return {
+        "first_kernel_ms": round((ks[0].time_range.start - t0) / 1e3, 3),
+        "last_kernel_end_ms": round((max(k.time_range.end for k in ks) - t0) / 1e3, 3),
+        "gpu_gaps_over_20us": {
+            "count": len(gaps),
+            "ms": round(sum(g[1] for g in gaps), 3),
+            "largest (at ms, gap ms, after)": sorted(gaps, key=lambda g: -g[1])[:8],
+        },  # fmt: skip
+        "runtime_calls (at ms, host ms)": {
+            k: [(round(a, 3), round(b, 3)) for a, b in v[:6]] for k, v in api.items()
+        },
+    }
 
 
 def host_breakdown(fn, runner, device, rep: int) -> dict:

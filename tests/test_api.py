@@ -502,13 +502,47 @@ def test_graph_path_refuses_stale_inputs_before_touching_anything():
     mask = edit_masks(16, 16)["blob"]
     xe = apply_edit(x, mask)
     first = engine.edit(xe, t)
+    footprint = engine.edit_footprint()
+    runner = engine.slots["0"].graphs
+    inputs_before = [b.clone() for b in runner.static_inputs]
+    other = edit_masks(16, 16)["corner"]
     with pytest.raises(sigec.StaleCacheError, match="input 1 differs from the one recorded"):
-        engine.edit(apply_edit(x, mask, seed=5), t + 1)
+        engine.edit(apply_edit(x, other, seed=5), t + 1)
+    # the refused edit's inputs, mask and tile lists are gone again
+    for got, want in zip(engine.edit_footprint(), footprint, strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(runner.static_inputs, inputs_before, strict=True):
+        assert torch.equal(got, want)
     engine.commit()  # commits the first edit, not the refused one
     torch.testing.assert_close(engine.edit(xe, t), first, rtol=0, atol=0)
     eager = sigec.compile(model, args, config=dataclasses.replace(config, cuda_graphs=False))
     eager.record(x, t)
     torch.testing.assert_close(first, eager.edit(xe, t), rtol=0, atol=0)
+
+
+def test_graph_path_refused_first_edit_then_dense_commit():
+    """A refused first edit leaves the record's inputs in place; a later edit that the cost
+    model runs dense commits by recording its own inputs, not the refused ones."""
+    model, args, _ = _tiny("groupnorm-net")
+    x, t = args
+    config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
+    engine = sigec.compile(model, args, config=config)
+    engine.record(x, t)
+    mask = edit_masks(16, 16)["blob"]
+    with pytest.raises(sigec.StaleCacheError):
+        engine.edit(apply_edit(x, mask, seed=5), t + 1)
+    runner = engine.slots["0"].graphs
+    assert torch.equal(runner.static_inputs[0], x) and torch.equal(runner.static_inputs[1], t)
+    runner.default_choice = "dense"  # what the cost model picks for a large edit on a GPU
+    xe = apply_edit(x, mask)
+    got = engine.edit(xe, t)
+    torch.testing.assert_close(got, model(xe, t), rtol=1e-5, atol=1e-5)
+    engine.commit()
+    xe2 = apply_edit(xe, edit_masks(16, 16)["corner"], seed=7)
+    runner.default_choice = "sparse"
+    fresh = sigec.compile(model, args, config=dataclasses.replace(config, cuda_graphs=False))
+    fresh.record(xe, t)  # what the commit must have recorded: the accepted edit's inputs
+    torch.testing.assert_close(engine.edit(xe2, t), fresh.edit(xe2, t), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -169,24 +169,30 @@ def _restore_fake(work, cache, corners, tile_h, tile_w, num_active=None, check_v
 # --- many maps in one launch --------------------------------------------------------------------
 #
 # An edit first undoes the previous one in every working map: one restore per map is ~150
-# launches for SD 1.5. ``RestoreBatch`` does them all in one launch per dtype: a device table holds
+# launches for SD 1.5. ``RestoreBatch`` does them all in one launch per group: a device table holds
 # each map's pointers, sizes, strides and tile list, and program (k, m, n) copies tile m of sample
 # n of map k.
+#
+# Strides read from a table are unknown to the compiler, so a plain copy moves one element per
+# thread with strided addresses (H100: ~10x below bandwidth for channels-last fp16 maps). Maps
+# whose channels are contiguous (channels-last), whose addresses and other strides are multiples
+# of 16 bytes and whose channel count a power of two ``VEC`` divides get a launch of their own:
+# addresses are element offsets from the launch's first tensor (a kernel argument, so aligned),
+# hinted as multiples of 16 bytes, and each pixel's channels are copied as unmasked vectors.
 
-_F = 20  # table fields per map (the order of ``RestoreBatch._row``)
+_F = 22  # table fields per map (the order of ``RestoreBatch._row``)
 
 
 @triton.jit
 def _restore_batch_kernel(
     table_ptr, proto_ptr,
-    F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     k = tl.program_id(0)
     m = tl.program_id(1)
     n = tl.program_id(2)
     d = table_ptr + k * F
-    work_ptr = tl.load(d + 0).to(proto_ptr.dtype)
-    cache_ptr = tl.load(d + 1).to(proto_ptr.dtype)
     corners_ptr = tl.load(d + 2).to(tl.pointer_type(tl.int32))
     count_ptr = tl.load(d + 3).to(tl.pointer_type(tl.int32))
     has_count = tl.load(d + 4) != 0
@@ -206,19 +212,57 @@ def _restore_batch_kernel(
     y = tl.load(corners_ptr + 2 * m, mask=valid, other=0) + offs_p // TILE_W
     x = tl.load(corners_ptr + 2 * m + 1, mask=valid, other=0) + offs_p % TILE_W
     inside = (offs_p < TILE_H * TILE_W) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    y64 = y[None, :].to(tl.int64)
-    x64 = x[None, :].to(tl.int64)
     n64 = n.to(tl.int64)
-    src0 = cache_ptr + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(d + 19)
-    dst0 = work_ptr + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(d + 15)
-    stride_cc = tl.load(d + 17)
-    stride_wc = tl.load(d + 13)
-    for c0 in range(0, c_end, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        c64 = offs_c[:, None].to(tl.int64)
-        mask = (offs_c < C)[:, None] & inside[None, :]
-        v = tl.load(src0 + c64 * stride_cc, mask=mask)
-        tl.store(dst0 + c64 * stride_wc, v, mask=mask)
+    if VEC > 0:  # channels contiguous: [BLOCK_P, BLOCK_C], channel vectors per pixel
+        y64 = y.to(tl.int64)
+        x64 = x.to(tl.int64)
+        src0 = tl.load(d + 21) + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(
+            d + 19)  # fmt: skip
+        dst0 = tl.load(d + 20) + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(
+            d + 15)  # fmt: skip
+        src0 = tl.multiple_of(src0, ALIGN)[:, None]
+        dst0 = tl.multiple_of(dst0, ALIGN)[:, None]
+        offs_c = tl.arange(0, BLOCK_C)[None, :]
+        mask = inside[:, None]
+        for c0 in range(0, c_end, BLOCK_C):
+            v = tl.load(proto_ptr + (src0 + c0) + offs_c, mask=mask)
+            tl.store(proto_ptr + (dst0 + c0) + offs_c, v, mask=mask)
+    else:
+        work_ptr = tl.load(d + 0).to(proto_ptr.dtype)
+        cache_ptr = tl.load(d + 1).to(proto_ptr.dtype)
+        y64 = y[None, :].to(tl.int64)
+        x64 = x[None, :].to(tl.int64)
+        src0 = cache_ptr + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(d + 19)
+        dst0 = work_ptr + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(d + 15)
+        stride_cc = tl.load(d + 17)
+        stride_wc = tl.load(d + 13)
+        for c0 in range(0, c_end, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c64 = offs_c[:, None].to(tl.int64)
+            mask = (offs_c < C)[:, None] & inside[None, :]
+            v = tl.load(src0 + c64 * stride_cc, mask=mask)
+            tl.store(dst0 + c64 * stride_wc, v, mask=mask)
+
+
+def vector_width(work: torch.Tensor, cache: torch.Tensor, most: int = 64) -> int:
+    """The largest power of two ``v <= most`` dividing the channel count, with ``v`` elements at
+    least 16 bytes, if both tensors keep their channels contiguous and every address and other
+    stride is a multiple of 16 bytes (what vector copies need); 0 otherwise (the generic copy)."""
+    size = work.element_size()
+    align = max(1, 16 // size)  # elements per 16 bytes
+    for t in (work, cache):
+        if (
+            t.stride(1) != 1
+            or t.data_ptr() % 16
+            or any(s % align for i, s in enumerate(t.stride()) if i != 1)
+        ):
+            return 0
+    v = most
+    while v >= align:
+        if work.shape[1] % v == 0:
+            return v
+        v //= 2
+    return 0
 
 
 class RestoreBatch:
@@ -227,10 +271,10 @@ class RestoreBatch:
     devices; corner values are not range-checked: they come from this edit's tile lists).
 
     Calling it copies every item's tiles from its cache into its work map: one Triton launch per
-    dtype on CUDA (``use_triton=True`` forces the kernel, e.g. under the CPU interpreter), one
-    ``restore_reference`` per item otherwise. The launch reads the tensors through a device table
-    of their addresses, built here once: the tensors must stay alive and in place (the CUDA-graph
-    path builds one per capture, whose buffers never move).
+    dtype and vector width on CUDA (``use_triton=True`` forces the kernel, e.g. under the CPU
+    interpreter), one ``restore_reference`` per item otherwise. The launch reads the tensors
+    through a device table of their addresses, built here once: the tensors must stay alive and
+    in place (the CUDA-graph path builds one per capture, whose buffers never move).
     """
 
     def __init__(self, items, use_triton: bool | None = None):
@@ -243,33 +287,41 @@ class RestoreBatch:
         self.launches = []
         if not self.use_triton:
             return
-        by_dtype: dict = {}
+        groups: dict = {}
         for item in self.items:
             if item[2].shape[0] and item[0].numel():
-                by_dtype.setdefault(item[0].dtype, []).append(item)
-        for group in by_dtype.values():
+                key = (item[0].dtype, vector_width(item[0], item[1]))
+                groups.setdefault(key, []).append(item)
+        for (_, vec), group in groups.items():
             reject_float64("work", group[0][0])
-            table = torch.tensor([self._row(it) for it in group], dtype=torch.int64)
+            proto = group[0][0]
+            table = torch.tensor([self._row(it, proto) for it in group], dtype=torch.int64)
             rows = max(it[2].shape[0] for it in group)
             n = max(it[0].shape[0] for it in group)
             block_p = triton.next_power_of_2(max(it[4] * it[5] for it in group))
             block_c = max(1, min(64, 4096 // block_p))
-            grid, proto = (len(group), rows, n), group[0][0]
-            self.launches.append((table.to(proto.device), proto, grid, block_c, block_p))
+            if vec:  # a divisor of every C of the group: no channel mask
+                block_c = max(min(vec, block_c), 16 // proto.element_size())
+            grid = (len(group), rows, n)
+            self.launches.append((table.to(proto.device), proto, grid, block_c, block_p, vec))
 
     @staticmethod
-    def _row(item) -> list[int]:
+    def _row(item, proto: torch.Tensor) -> list[int]:
         work, cache, corners, count, th, tw = item
         n, c, h, w = work.shape
+        size = proto.element_size()
         return [work.data_ptr(), cache.data_ptr(), corners.data_ptr(),
                 count.data_ptr() if count is not None else 0, int(count is not None),
-                n, c, h, w, th, tw, corners.shape[0], *work.stride(), *cache.stride()]  # fmt: skip
+                n, c, h, w, th, tw, corners.shape[0], *work.stride(), *cache.stride(),
+                (work.data_ptr() - proto.data_ptr()) // size,
+                (cache.data_ptr() - proto.data_ptr()) // size]  # fmt: skip
 
     def __call__(self) -> None:
         if not self.use_triton:
             for work, cache, corners, count, th, tw in self.items:
                 restore_reference(work, cache, corners, th, tw, count)
             return
-        for table, proto, grid, block_c, block_p in self.launches:
+        for table, proto, grid, block_c, block_p, vec in self.launches:
             _restore_batch_kernel[grid](table, proto, F=_F, BLOCK_C=block_c, BLOCK_P=block_p,
+                                        VEC=vec, ALIGN=max(1, 16 // proto.element_size()),
                                         num_warps=4)  # fmt: skip

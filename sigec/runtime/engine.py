@@ -291,7 +291,7 @@ class SparseEngine(torch.nn.Module):
         if self.config.cuda_graphs:  # the stale check rides on the edit's one host sync
             if state.graphs is None:
                 state.graphs = GraphedEdits(self, state)
-            outs = state.graphs.run(flat, edit_mask, self._stale_flags(state, flat))
+            outs = state.graphs.run(flat, edit_mask)
             return self._finish_edit(state, flat, outs)
         self._check_not_stale(state, flat)
         state.restore_dirty()

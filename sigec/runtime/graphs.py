@@ -4,8 +4,9 @@ An eager edit is host-bound: hundreds of small launches, each a few microseconds
 driver time. With CUDA graphs the whole edit (mask pyramid -> tile lists -> restoring the previous
 edit's tiles -> the edit graph) is one replay:
 
-1. the edit mask is copied into a static buffer; the number of active tiles of every tile list is
-   computed on the device and read once (the edit's only host sync);
+1. the edit mask and inputs are copied into static buffers; the number of active tiles of every
+   tile list and the stale check of the non-image inputs are computed on the device and read
+   once (the edit's only host sync);
 2. each count is rounded up to a capacity bucket (a power of two, at most the tile grid): padding
    rows of a list write nowhere (``num_active``);
 3. the tuple of capacities selects a graph; a new tuple is captured once (after an eager warm-up
@@ -85,6 +86,10 @@ class GraphedEdits:
         }  # fmt: skip
         self.static_mask = torch.zeros(1, *prog.input_resolution, dtype=torch.bool, device=dev)
         self.static_inputs: list | None = None
+        # non-image tensor inputs (timestep, prompt embedding, labels): checked in the count graph
+        self.stale_inputs = [i for i, k in enumerate(prog.input_kinds) if k == "tensor"]
+        self.stale_names = [prog.input_names[i] for i in self.stale_inputs]
+        self.good_mask: torch.Tensor | None = None  # the last successful edit's mask
         self.entries: dict[tuple, _Entry] = {}
         self.last: _Entry | None = None
         self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
@@ -128,26 +133,26 @@ class GraphedEdits:
                 count.zero_()
         return outs, tiles
 
-    def run(self, flat: list, edit_mask: torch.Tensor, stale=(None, None)) -> list:
+    def run(self, flat: list, edit_mask: torch.Tensor) -> list:
         """One edit: returns the graph's outputs (static tensors: clone before the next edit).
 
-        ``stale``: ``(names, flags)`` from ``SparseEngine._stale_flags``; the flags are read with
-        the tile counts (one host sync), and a stale input raises before anything changes.
+        The stale check (non-image tensor inputs against the slot's record) runs inside the
+        count graph and is read with the tile counts (the one host sync); a stale input raises
+        with the caches untouched and the previous edit's inputs and tile lists put back.
         """
         self.static_mask.copy_(edit_mask.reshape(self.static_mask.shape))
-        counts = self._counts()
-        names, flags = stale
-        if flags is not None:
-            counts = torch.cat([counts, flags.to(counts.dtype)])
-        counts = counts.tolist()  # the one host sync
-        if flags is not None:
-            raise_if_stale(names, [bool(c) for c in counts[len(self.keys) :]])
-            counts = counts[: len(self.keys)]
         if self.static_inputs is None:
             self.static_inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
-        for buf, v in zip(self.static_inputs, flat, strict=True):
-            if isinstance(buf, torch.Tensor):
-                buf.copy_(v)
+        else:
+            for buf, v in zip(self.static_inputs, flat, strict=True):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(v)
+        counts = self._counts().tolist()  # the one host sync
+        if any(counts[len(self.keys) :]):
+            self._put_back()
+            raise_if_stale(self.stale_names, [bool(c) for c in counts[len(self.keys) :]])
+        self.good_mask = edit_mask
+        counts = counts[: len(self.keys)]
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
         restore_caps = dict(self.prev)
         key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))
@@ -174,6 +179,23 @@ class GraphedEdits:
         if self.ran_dense:  # faster than sparse for this size: the caches are left alone
             return self._run_dense()
         return entry.outs
+
+    def _put_back(self) -> None:
+        """After a refused edit: static inputs, mask and count-graph outputs as the last
+        successful edit (or the record) left them, so a commit, a footprint or a dense replay
+        sees that edit and not the refused one."""
+        state = self.state
+        for i, kind in enumerate(self.program.input_kinds):
+            buf = self.static_inputs[i]
+            if not isinstance(buf, torch.Tensor):
+                continue
+            pending = state.pending_inputs or {}
+            buf.copy_(pending[i] if i in pending else state.recorded_input(i))
+        if self.good_mask is None:
+            self.static_mask.zero_()
+        else:
+            self.static_mask.copy_(self.good_mask.reshape(self.static_mask.shape))
+        self._counts()
 
     def _restorer(self, direction: str, rows: dict) -> RestoreBatch:
         """One launch copying the dirty rows of every map: "undo" cache -> work (before an edit),
@@ -202,14 +224,22 @@ class GraphedEdits:
         return list(self.dense_fn(*self.static_inputs))
 
     def _count_body(self) -> tuple[torch.Tensor, tuple[dict, dict, dict]]:
-        return self._count_fn(self.static_mask)
+        given = [self.static_inputs[i] for i in self.stale_inputs]
+        recorded = [self.state.recorded_input(i) for i in self.stale_inputs]
+        return self._count_fn(self.static_mask, given, recorded)
 
-    def _count_impl(self, mask: torch.Tensor) -> tuple[torch.Tensor, tuple[dict, dict, dict]]:
+    def _count_impl(self, mask: torch.Tensor, given: list, recorded: list):
+        """Tile counts per list, then one flag per non-image tensor input (1: differs from the
+        record), as one int tensor; and the masks, tile grids and full-grid tile lists."""
         masks = edit_masks(self.program, mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
         grids = tile_grids(self.program, masks, self.keys)
         full = full_tile_lists(self.program, masks, grids, self.keys)
-        return tile_counts(self.program, grids, self.keys), (masks, grids, full)
+        counts = tile_counts(self.program, grids, self.keys)
+        if given:
+            flags = [(g.to(r.dtype) != r).any() for g, r in zip(given, recorded, strict=True)]
+            counts = torch.cat([counts, torch.stack(flags).to(counts.dtype)])
+        return counts, (masks, grids, full)
 
     def _counts(self) -> torch.Tensor:
         """Active tiles per list, from a small graph of its own on CUDA (one replay). Its masks,

@@ -57,3 +57,34 @@ def overlapping_pair(corners, th, tw):
             if abs(y0 - y1) < th and abs(x0 - x1) < tw:
                 return (y0, x0), (y1, x1)
     return None
+
+
+def vector_restore_items(device="cpu"):
+    from sigec.kernels import restore_reference
+
+    """Channels-last maps (both work and cache) whose channels allow vector copies, allocated so
+    that some lie below the launch's first tensor in memory (negative offsets), with tiles off
+    the borders, capacity padding and one NCHW map that takes the generic copy."""
+    gen = torch.Generator().manual_seed(3)
+    cases = [  # (n, c, h, w, tile, corners, count, dtype)
+        (2, 16, 9, 7, 4, [(-2, -1), (0, 4), (5, 5), (8, 2)], 3, torch.float16),
+        (1, 24, 6, 6, 3, [(0, 0), (3, 3)], None, torch.float16),
+        (1, 64, 5, 8, 2, [(y, x) for y in range(-1, 5, 2) for x in range(-1, 8, 2)], 7,
+         torch.float16),
+        (1, 32, 8, 8, 4, [(0, 0), (4, 4), (2, 2)], None, torch.float32),
+        (1, 16, 8, 8, 4, [(0, 0), (4, 4)], None, torch.float16),  # NCHW: generic
+    ]  # fmt: skip
+    items, wants = [], []
+    for i, (n, c, h, w, t, corners, count, dtype) in enumerate(cases):
+        fmt = torch.contiguous_format if i == len(cases) - 1 else torch.channels_last
+        work = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(
+            memory_format=fmt)  # fmt: skip
+        cache = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(
+            memory_format=fmt)  # fmt: skip
+        co = corners_tensor(corners).to(device)
+        cnt = torch.tensor([count], dtype=torch.int32, device=device) if count else None
+        want = work.cpu().clone()
+        restore_reference(want, cache.cpu(), co.cpu(), t, t, cnt.cpu() if cnt is not None else None)
+        items.append((work, cache, co, cnt, t, t))
+        wants.append(want)
+    return items[::-1], wants[::-1]  # the NCHW map first, the fp16 maps in reverse allocation

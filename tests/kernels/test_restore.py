@@ -5,7 +5,7 @@ import torch
 
 from sigec.kernels import restore, restore_reference, restore_triton
 from sigec.kernels.restore import RestoreBatch
-from tests.kernels.cases import TILE_CASES, corners_tensor
+from tests.kernels.cases import TILE_CASES, corners_tensor, vector_restore_items
 
 
 def mask_oracle(work, cache, corners, th, tw):
@@ -128,3 +128,33 @@ def test_batch_checks_each_item():
         RestoreBatch([(work, torch.randn(1, 2, 8, 7), corners_tensor([(0, 0)]), None, 4, 4)])
     with pytest.raises(TypeError, match="cache: expected dtype"):
         RestoreBatch([(work, work.half(), corners_tensor([(0, 0)]), None, 4, 4)])
+
+
+def test_batch_copies_channels_last_maps_as_vectors():
+    from sigec.kernels.restore import vector_width
+
+    items, wants = vector_restore_items()
+    widths = [vector_width(w, c) for w, c, *_ in items]
+    assert widths[0] == 0  # NCHW
+    assert all(v >= 8 for v in widths[1:]) and widths[-2] == 8  # C = 24: vectors of 8
+    batch = RestoreBatch(items, use_triton=True)
+    groups = {(w.dtype, v) for (w, *_), v in zip(items, widths, strict=True)}
+    assert sorted(launch[-1] for launch in batch.launches) == sorted(v for _, v in groups)
+    batch()
+    for (work, *_), want in zip(items, wants, strict=True):
+        torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+def test_vector_width_needs_contiguous_channels_and_aligned_strides():
+    from sigec.kernels.restore import vector_width
+
+    cl = torch.channels_last
+    a = torch.zeros(1, 64, 4, 4, dtype=torch.float16).contiguous(memory_format=cl)
+    assert vector_width(a, a.clone()) == 64 and vector_width(a, a.clone(), most=16) == 16
+    assert vector_width(a, torch.zeros(1, 64, 4, 4, dtype=torch.float16)) == 0  # NCHW cache
+    b = torch.zeros(1, 12, 4, 4, dtype=torch.float16).contiguous(memory_format=cl)
+    assert vector_width(b, b.clone()) == 0  # 12 channels: no 16-byte vector divides them
+    c = torch.zeros(1, 66, 4, 4, dtype=torch.float32).contiguous(memory_format=cl)[:, 2:]
+    assert vector_width(c, c.clone().contiguous(memory_format=cl)) == 0  # strides of 66
+    d = torch.zeros(1, 80, 4, 4, dtype=torch.float32).contiguous(memory_format=cl)
+    assert vector_width(d, d.clone()) == 16  # 80 = 16 * 5
