@@ -79,6 +79,12 @@ class SparseConfig:
             the tiles its producer writes, by tile ops and attention on the same tile list, the
             producer hands its tile batch to the readers and the map is never built (no scatter,
             no gathers, no working map; ``pipeline.pass_tiles``).
+        speculate: with ``cuda_graphs``, launch the graph of the previous edit's capacities
+            before the edit's one host sync (the tile counts), so the GPU does not wait for the
+            host; kept if the new counts fit (padding rows write nowhere), undone and followed by
+            the right graph otherwise, and undone on a stale input. A kept speculative result
+            computed the same tiles with more padding rows (cuDNN may pick another algorithm
+            for the larger batch: fp16 rounding may differ).
     """
 
     mask_policy: str = "truncated"
@@ -100,6 +106,7 @@ class SparseConfig:
     dense_regions: str = "inductor"
     tile_expressions: str = "inductor"
     pass_tiles: bool = True
+    speculate: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:

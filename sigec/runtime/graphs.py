@@ -90,6 +90,12 @@ class GraphedEdits:
         self.stale_inputs = [i for i, k in enumerate(prog.input_kinds) if k == "tensor"]
         self.stale_names = [prog.input_names[i] for i in self.stale_inputs]
         self.good_mask: torch.Tensor | None = None  # the last successful edit's mask
+        # speculation: the last edit's capacities; counts read through pinned memory
+        self.last_caps: dict | None = None
+        self.speculated = 0  # edits whose speculative launch was their result
+        self.missed = 0  # edits whose speculative launch was not (undone or superseded)
+        self.host_counts: torch.Tensor | None = None
+        self.count_event = None
         self.entries: dict[tuple, _Entry] = {}
         self.last: _Entry | None = None
         self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
@@ -139,6 +145,11 @@ class GraphedEdits:
         The stale check (non-image tensor inputs against the slot's record) runs inside the
         count graph and is read with the tile counts (the one host sync); a stale input raises
         with the caches untouched and the previous edit's inputs and tile lists put back.
+
+        Speculation (``config.speculate``): before that sync, the graph of the previous edit's
+        capacities is already launched, so the GPU does not wait for the host. If this edit's
+        counts fit those capacities (padding rows write nowhere) it is this edit's result;
+        otherwise the graph that then runs undoes its rows (it restores as many).
         """
         self.static_mask.copy_(edit_mask.reshape(self.static_mask.shape))
         if self.static_inputs is None:
@@ -147,13 +158,104 @@ class GraphedEdits:
             for buf, v in zip(self.static_inputs, flat, strict=True):
                 if isinstance(buf, torch.Tensor):
                     buf.copy_(v)
-        counts = self._counts().tolist()  # the one host sync
+        counts_dev = self._counts()
+        if self.pool is not None:  # read the counts without waiting for the speculative graph
+            if self.host_counts is None:
+                self.host_counts = torch.empty(counts_dev.shape, dtype=counts_dev.dtype,
+                                               pin_memory=True)  # fmt: skip
+                self.count_event = torch.cuda.Event()
+            self.host_counts.copy_(counts_dev, non_blocking=True)
+            self.count_event.record()
+        spec = self._speculate()
+        if self.pool is not None:
+            self.count_event.synchronize()  # the one host sync
+            counts = self.host_counts.tolist()
+        else:
+            counts = counts_dev.tolist()
         if any(counts[len(self.keys) :]):
-            self._put_back()
+            self._refuse(spec)
             raise_if_stale(self.stale_names, [bool(c) for c in counts[len(self.keys) :]])
         self.good_mask = edit_mask
         counts = counts[: len(self.keys)]
         caps = {k: bucket(int(c), self.grid[k]) for k, c in zip(self.keys, counts, strict=True)}
+        self.last_caps = caps
+        if spec is not None:
+            kind, spec_caps, entry = spec
+            fits = all(c <= spec_caps[k] for k, c in zip(self.keys, counts, strict=True))
+            if kind == "sparse" and fits:
+                self.speculated += 1
+                return self._ran_sparse(entry, spec_caps)
+            if kind == "dense" and self._choice(caps, self.prev) == "dense":
+                self.speculated += 1
+                self.ran_dense = True
+                return entry
+            self.missed += 1
+            if kind == "sparse":  # too small: the graph that runs next undoes its rows
+                self.prev = {k: spec_caps[k] for k in self.dirty_keys}
+        return self._run_bucket(caps)
+
+    def _choice(self, caps: dict, restore_caps: dict) -> str:
+        key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))
+        return self.choice.get(key, self.default_choice)
+
+    def _speculate(self):
+        """Launch what the previous edit's capacities ran, where it exists already: returns
+        ("sparse", capacities, entry), ("dense", capacities, outputs) or None."""
+        if not self.config.speculate or self.last_caps is None:
+            return None
+        caps, restore_caps = self.last_caps, dict(self.prev)
+        key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))
+        if key not in self.entries:  # restoring more rows than were dirtied is as right
+            more = [k for k in self.entries if k[0] == key[0]
+                    and all(a >= b for a, b in zip(k[1], key[1], strict=True))]  # fmt: skip
+            key = min(more, key=lambda k: sum(k[1])) if more else key
+            restore_caps = dict(zip(self.dirty_keys, key[1], strict=True))
+        entry = self.entries.get(key)
+        if self.choice.get(key, self.default_choice) == "dense":
+            if self.pool is not None and (self.dense is None or self.dense.graph is None):
+                return None
+            return "dense", caps, self._run_dense()
+        if entry is None or (self.pool is not None and entry.graph is None):
+            return None
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.outs, entry.tiles = self._body(caps, restore_caps)
+            entry.pending_norm_sums = dict(self.state.pending_norm_sums)
+        return "sparse", caps, entry
+
+    def _refuse(self, spec) -> None:
+        """A stale input: undo what the speculative graph wrote, then put back the previous
+        edit (its inputs, mask and tile lists; its tiles too if it is uncommitted)."""
+        if spec is None or spec[0] != "sparse":
+            self._put_back()
+            return
+        self._restorer("undo", {k: spec[1][k] for k in self.dirty_keys})()  # work == cache
+        uncommitted = self.state.pending_inputs is not None and not self.ran_dense
+        again = self.last if uncommitted and any(self.prev.values()) else None
+        rows = dict(self.prev)
+        for _, count in self.dirty.values():
+            count.zero_()
+        self.prev = {k: 0 for k in self.dirty_keys}
+        self._put_back()
+        if again is not None:  # recompute the uncommitted edit the speculation overwrote
+            if again.graph is not None:  # its restore reads the zeroed counts: copies nothing
+                again.graph.replay()
+            else:
+                again.outs, again.tiles = self._body(again.capacities,
+                                                     {k: 0 for k in self.dirty_keys})  # fmt: skip
+                again.pending_norm_sums = dict(self.state.pending_norm_sums)
+            self.prev = rows
+            self.state.last_tiles = again.tiles
+
+    def _ran_sparse(self, entry: _Entry, caps: dict) -> list:
+        self.prev = {k: caps[k] for k in self.dirty_keys}
+        self.last = entry
+        self.state.last_tiles = entry.tiles
+        self.ran_dense = False
+        return entry.outs
+
+    def _run_bucket(self, caps: dict) -> list:
         restore_caps = dict(self.prev)
         key = (tuple(caps[k] for k in self.keys), tuple(restore_caps[k] for k in self.dirty_keys))
         entry = self.entries.get(key)
@@ -172,9 +274,7 @@ class GraphedEdits:
             entry.pending_norm_sums = dict(self.state.pending_norm_sums)
             sparse_ran = True
         if sparse_ran:
-            self.prev = {k: caps[k] for k in self.dirty_keys}
-            self.last = entry
-            self.state.last_tiles = entry.tiles
+            self._ran_sparse(entry, caps)
         self.ran_dense = self.choice.get(key, self.default_choice) == "dense"
         if self.ran_dense:  # faster than sparse for this size: the caches are left alone
             return self._run_dense()
@@ -185,8 +285,7 @@ class GraphedEdits:
         successful edit (or the record) left them, so a commit, a footprint or a dense replay
         sees that edit and not the refused one."""
         state = self.state
-        for i, kind in enumerate(self.program.input_kinds):
-            buf = self.static_inputs[i]
+        for i, buf in enumerate(self.static_inputs):
             if not isinstance(buf, torch.Tensor):
                 continue
             pending = state.pending_inputs or {}
