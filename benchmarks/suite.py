@@ -23,6 +23,7 @@ import argparse
 import ast
 import collections
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ OP_CLASSES = (
     ("layout (NCHW<->NHWC)", ("nchwtonhwc", "nhwctonchw")),
     ("attention", ("flash", "fmha", "attention", "softmax")),
     ("conv (cuDNN)", ("conv", "xmma_fprop", "implicit", "cudnn", "fprop")),
-    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "splitk")),
+    ("gemm", ("gemm", "cutlass", "xmma", "matmul", "splitk", "nvjet")),
     ("triton (compiled)", ("triton_",)),
     ("copy / index", ("copy", "index", "gather", "scatter", "cat", "fill")),
     ("elementwise / reduce", ("elementwise", "vectorized", "reduce", "norm")),
@@ -146,10 +147,28 @@ def host_breakdown(fn, runner, device, rep: int) -> dict:
     edit = time_ms(fn, 3, rep, device)
     replay = time_ms(graph.replay, 3, rep, device)
     count = time_ms(lambda: runner._counts().tolist(), 3, rep, device)
+    count_gpu = gpu_ms(runner.count_graph.replay) if runner.count_graph is not None else None
     fn()  # leave the engine as the edit left it
+    compiled = getattr(runner._count_fn, "compiled", None)
     return {"edit": round(edit, 4), "graph_replay": round(replay, 4),
             "count_graph_and_sync": round(count, 4),
+            "count_graph_gpu": round(count_gpu, 4) if count_gpu is not None else None,
+            "count_graph_compiled": compiled not in (None, False),
             "host_rest": round(edit - replay - count, 4)}  # fmt: skip
+
+
+def gpu_ms(replay, reps: int = 10) -> float:
+    """GPU time of ``replay`` alone: queued behind a sleep kernel, so its launch is hidden."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(2_000_000)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def run_model(name: str, args) -> dict:

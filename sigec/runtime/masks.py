@@ -239,10 +239,16 @@ def tile_indices(mask: torch.Tensor, tile, capacity: int | None = None, grid=Non
     gw = grid.shape[1]
     if capacity is None:
         return grid.nonzero().to(torch.int32), None  # host sync: M is data-dependent
-    flat = torch.nonzero_static(grid.flatten(), size=capacity, fill_value=-1)[:, 0]
-    count = (flat >= 0).sum().to(torch.int32).reshape(1)
-    flat = flat.clamp_min(0)
-    return torch.stack([flat // gw, flat % gw], dim=1).to(torch.int32), count
+    # compaction by prefix sum: active cell i goes to row (active cells before it); inactive
+    # cells and active ones past the capacity go to a spare row that is cut off. Plain ATen ops
+    # a compiler fuses (nonzero_static is several library kernels per list); padding rows are 0.
+    cells = grid.flatten()
+    pos = torch.cumsum(cells.to(torch.int32), 0) - 1
+    count = torch.clamp(cells.sum(), max=capacity).to(torch.int32).reshape(1)
+    dest = torch.where(cells & (pos < capacity), pos, capacity).long()
+    rows = torch.zeros(capacity + 1, dtype=torch.int64, device=grid.device)
+    rows = rows.scatter(0, dest, torch.arange(cells.numel(), device=grid.device))[:capacity]
+    return torch.stack([rows // gw, rows % gw], dim=1).to(torch.int32), count
 
 
 def tiles_at(idx, count, kernel, stride, padding, tile) -> TileSet:

@@ -84,6 +84,23 @@ def test_capacity_lists_match_exact_lists(mask, conv, extra):
     torch.testing.assert_close(padded.in_corners[:m], exact.in_corners, atol=0, rtol=0)
 
 
+@settings(max_examples=100, deadline=None)
+@given(masks(), conv_shapes, st.integers(0, 30), st.integers(1, 8))
+def test_capacity_lists_keep_raster_order_and_pad_with_the_first_cell(mask, conv, extra, short):
+    """Too small a capacity keeps the first tiles in raster order (count = capacity); padding
+    rows are grid cell (0, 0)."""
+    kernel, stride, padding, tile = conv
+    exact = active_tiles(mask, kernel, stride, padding, tile)
+    m = exact.out_corners.shape[0]
+    cap = max(1, m - short) if m > 1 else 1
+    cut = active_tiles(mask, kernel, stride, padding, tile, capacity=cap)
+    assert int(cut.num_active) == min(m, cap)
+    torch.testing.assert_close(cut.out_corners[: min(m, cap)], exact.out_corners[:cap], atol=0,
+                               rtol=0)  # fmt: skip
+    padded = active_tiles(mask, kernel, stride, padding, tile, capacity=m + extra)
+    assert (padded.out_corners[m:] == 0).all()
+
+
 @settings(max_examples=150, deadline=None)
 @given(masks(max_side=40), st.integers(1, 40), st.integers(1, 40))
 def test_pyramid_never_loses_a_nonempty_mask(mask, h, w):
