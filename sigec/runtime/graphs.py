@@ -11,6 +11,8 @@ edit's tiles -> the edit graph) is one replay:
    rows of a list write nowhere (``num_active``);
 3. the tuple of capacities selects a graph; a new tuple is captured once (after an eager warm-up
    run, which is itself a correct edit), and replayed for every later edit that falls in it;
+   with ``speculate``, the previous edit's graph is already launched before the sync and kept
+   when the new counts fit its capacities (``run``);
 4. which tiles each map's op wrote is kept in fixed-size device buffers (the whole tile grid);
    the host knows the previous edit's capacities, so the next replay restores exactly that many
    rows (they are part of the graph's key);
