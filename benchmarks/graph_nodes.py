@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from benchmarks.suite import gpu_ms
+
 
 @triton.jit
 def _add_one(x_ptr, n, BLOCK: tl.constexpr):
@@ -52,16 +54,7 @@ def timed(replay) -> dict:
         replay()
         torch.cuda.synchronize()
         wall.append((time.perf_counter() - t0) * 1e3)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    gpu = []
-    for _ in range(10):
-        torch.cuda._sleep(5_000_000)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        gpu.append(start.elapsed_time(end))
-    w, g = statistics.median(wall), statistics.median(gpu)
+    w, g = statistics.median(wall), gpu_ms(replay, sleep_cycles=5_000_000)
     return {"wall_ms": round(w, 4), "gpu_ms": round(g, 4), "launch_adds_ms": round(w - g, 4)}
 
 

@@ -157,12 +157,12 @@ def host_breakdown(fn, runner, device, rep: int) -> dict:
             "host_rest": round(edit - replay - count, 4)}  # fmt: skip
 
 
-def gpu_ms(replay, reps: int = 10) -> float:
+def gpu_ms(replay, reps: int = 10, sleep_cycles: int = 2_000_000) -> float:
     """GPU time of ``replay`` alone: queued behind a sleep kernel, so its launch is hidden."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
-        torch.cuda._sleep(2_000_000)
+        torch.cuda._sleep(sleep_cycles)
         start.record()
         replay()
         end.record()

@@ -165,11 +165,7 @@ def test_restore_batch_on_cuda_in_a_graph():
     batch()  # compiles, outside the capture
     for it, orig in zip(items, originals, strict=True):
         it[0].copy_(orig)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        batch()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph = _replay_captured(batch)
     for (work, *_), want in zip(items, wants, strict=True):
         torch.testing.assert_close(work.cpu(), want, atol=0, rtol=0)
     for it, orig in zip(items, originals, strict=True):  # count 0: a replay copies nothing
@@ -196,10 +192,16 @@ def test_restore_batch_vector_copies_on_cuda_in_a_graph():
         torch.testing.assert_close(work.cpu(), want, atol=0, rtol=0)
     for it, orig in zip(items, originals, strict=True):
         it[0].copy_(orig)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        batch()
-    graph.replay()
-    torch.cuda.synchronize()
+    _replay_captured(batch)
     for (work, *_), want in zip(items, wants, strict=True):
         torch.testing.assert_close(work.cpu(), want, atol=0, rtol=0)
+
+
+def _replay_captured(fn) -> torch.cuda.CUDAGraph:
+    """Capture ``fn`` (compiled already) in a CUDA graph, replay it once and wait for it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
