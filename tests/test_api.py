@@ -491,14 +491,21 @@ def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_graph_path_refuses_stale_inputs_before_touching_anything():
-    """With CUDA graphs the stale check is read with the tile counts (one sync); a stale input
-    raises before the static inputs change, so a later commit still records the right input."""
+def _recorded_graph_engine():
+    """groupnorm-net on the CUDA-graph path (uncaptured on the CPU), recorded on its input."""
     model, args, _ = _tiny("groupnorm-net")
-    x, t = args
     config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
     engine = sigec.compile(model, args, config=config)
-    engine.record(x, t)
+    engine.record(*args)
+    return model, args, config, engine
+
+
+def test_graph_path_refuses_stale_inputs_before_touching_anything():
+    """With CUDA graphs the stale check is read with the tile counts (one sync); a stale input
+    raises with the caches untouched and the previous inputs, mask and tile lists put back, so
+    a later commit still records the right input."""
+    model, args, config, engine = _recorded_graph_engine()
+    x, t = args
     mask = edit_masks(16, 16)["blob"]
     xe = apply_edit(x, mask)
     first = engine.edit(xe, t)
@@ -523,11 +530,8 @@ def test_graph_path_refuses_stale_inputs_before_touching_anything():
 def test_graph_path_refused_first_edit_then_dense_commit():
     """A refused first edit leaves the record's inputs in place; a later edit that the cost
     model runs dense commits by recording its own inputs, not the refused ones."""
-    model, args, _ = _tiny("groupnorm-net")
+    model, args, config, engine = _recorded_graph_engine()
     x, t = args
-    config = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
-    engine = sigec.compile(model, args, config=config)
-    engine.record(x, t)
     mask = edit_masks(16, 16)["blob"]
     with pytest.raises(sigec.StaleCacheError):
         engine.edit(apply_edit(x, mask, seed=5), t + 1)
