@@ -90,9 +90,10 @@ def engine_graphs(model: str) -> list[dict]:
     with torch.no_grad():
         for _ in range(3):
             engine.edit(xe, *rest, mask=mask, **kwargs)
-        runner = engine.slots["0"].graphs
-        rows = [{"kind": f"{model} count graph", **timed(runner.count_graph.replay)},
-                {"kind": f"{model} edit graph 1.2 %", **timed(runner.last.graph.replay)},
+        path = engine.path
+        rows = [{"kind": f"{model} count graph", **timed(path.count_graph.graph.replay)},
+                {"kind": f"{model} edit graph 1.2 %",
+                 **timed(path.entries[path.last.size_class].graph.replay)},
                 {"kind": f"{model} whole edit", **timed(
                     lambda: engine.edit(xe, *rest, mask=mask, **kwargs))}]  # fmt: skip
     for r in rows:

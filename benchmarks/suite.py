@@ -1,5 +1,8 @@
 """The standard benchmark (../shared/DESIGN.md): sigec edits against the strongest dense baselines.
 
+One mask per size, repeated: this measures the steady state of one static edit shape and its
+profile. Speed claims come from ``benchmarks/interactive.py`` (a new mask every edit).
+
     python benchmarks/suite.py --models ddpm-church-256 --out benchmarks/results/suite.json
     python benchmarks/plot_suite.py benchmarks/results/suite*.json   # speedup vs edit size
 
@@ -139,17 +142,18 @@ def timeline(events, kernels) -> dict:
     }
 
 
-def host_breakdown(fn, runner, device, rep: int) -> dict:
-    """Where one graph-path edit's time goes (CUDA events, same process, same edit): the whole
+def host_breakdown(fn, path, device, rep: int) -> dict:
+    """Where one static-path edit's time goes (CUDA events, same process, same edit): the whole
     edit, the graph the edit replayed alone, the count graph with its host sync alone; "host"
-    is the rest (checks, bucket choice, input copies, launch gaps)."""
-    graph = runner.dense.graph if runner.ran_dense else runner.last.graph
+    is the rest (checks, input copies, output copy, launch gaps)."""
+    last = path.last
+    graph = path.dense_graph.graph if last.ran_dense else path.entries[last.size_class].graph
     edit = time_ms(fn, 3, rep, device)
     replay = time_ms(graph.replay, 3, rep, device)
-    count = time_ms(lambda: runner._counts().tolist(), 3, rep, device)
-    count_gpu = gpu_ms(runner.count_graph.replay) if runner.count_graph is not None else None
+    count = time_ms(lambda: (path.count_graph(), path.reader(path.head)), 3, rep, device)
+    count_gpu = gpu_ms(path.count_graph.graph.replay)
     fn()  # leave the engine as the edit left it
-    compiled = getattr(runner._count_fn, "compiled", None)
+    compiled = getattr(path._count_fn, "compiled", None)
     return {"edit": round(edit, 4), "graph_replay": round(replay, 4),
             "count_graph_and_sync": round(count, 4),
             "count_graph_gpu": round(count_gpu, 4) if count_gpu is not None else None,
@@ -261,24 +265,19 @@ def run_model(name: str, args) -> dict:
                 }  # fmt: skip
                 row["speedup_vs_eager"] = round(out["dense_eager_ms"] / row["edit_ms"], 2)
                 row["speedup_vs_compiled"] = round(out["dense_compiled_ms"] / row["edit_ms"], 2)
-                runner = engine.slots["0"].graphs
-                if runner is not None and runner.pool is not None:
-                    row["breakdown_ms"] = host_breakdown(fn, runner, device, rep)
+                path = engine.path
+                if getattr(path, "count_graph", None) is not None and graphs:
+                    row["breakdown_ms"] = host_breakdown(fn, path, device, rep)
+                    row["size_class"] = st["size_class"]
                 if fraction in args.profile_at or fraction == args.fractions[0]:
                     row["profile"] = profile_call(fn)
-                    if st["ran_dense"] and runner is not None:  # the sparse graph's breakdown
-                        saved = dict(runner.choice)
-                        runner.choice = {k: "sparse" for k in saved}
-                        row["profile_sparse"] = profile_call(fn)
-                        runner.choice = saved
                 v["rows"].append(row)
                 print(name, vname, {k: r for k, r in row.items() if k != "profile"}, flush=True)
             v["cache_bytes"] = st["cache_bytes"]
-            slot = engine.slots["0"]
-            v["cache_bytes_by_kind"] = cache_by_kind(slot)
-            v["graph_captures"] = slot.graphs.captures if slot.graphs is not None else 0
-            if slot.graphs is not None:  # the cost model's measurements: capacities -> ms
-                v["cost_model_ms"] = [t for t in slot.graphs.timings.values()]
+            v["live_bytes"] = st["live_bytes"]
+            v["cache_bytes_by_kind"] = cache_by_kind(engine.slots["0"])
+            v["graphs"] = st["graphs"]
+            v["warmup"] = st["warmup"]
             out["variants"][vname] = v
             del engine
             torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ from sigec.api import compile  # noqa: E402
 from sigec.config import SparseConfig  # noqa: E402
 from sigec.errors import (  # noqa: E402
     CaptureError,
+    CheckpointError,
+    EditReplacedError,
     InputMismatchError,
     MaskError,
     NotRecordedError,
@@ -16,6 +18,8 @@ from sigec.errors import (  # noqa: E402
 
 __all__ = [
     "CaptureError",
+    "CheckpointError",
+    "EditReplacedError",
     "InputMismatchError",
     "MaskError",
     "NotRecordedError",

@@ -42,12 +42,18 @@ class SparseConfig:
             the count kept on the device: static shapes and no host sync (for CUDA graphs), at
             the cost of computing the padding tiles (zeros).
         cuda_graphs: run each edit as one CUDA graph replay (truncated policy only; see
-            ``sigec.runtime.graphs``): tile lists get power-of-two capacities, one graph per
-            combination, captured on first use; one host sync per edit; ``commit`` copies the
-            edited tiles into the caches. Off CUDA the same static-shape path runs uncaptured.
-        cost_model: with ``cuda_graphs`` on CUDA, time each new capacity combination's sparse
-            graph against a graph of the dense model and run the faster one for every edit that
-            falls in it (large edits run dense: the caches are left alone and ``commit`` records
+            ``sigec.runtime.static_path``): every edit runs one of ``size_classes`` static edit
+            shapes, all captured during warm-up (``engine.warmup()``, run by the first
+            ``record``), shared by every slot; one host sync per edit. Off CUDA the same
+            static-shape path runs uncaptured.
+        size_classes: how many static edit shapes (one CUDA graph each) the static path keeps:
+            each is a capacity per tile list, calibrated on seeded strokes and blobs
+            (``sigec.runtime.sizes``); an edit runs the smallest that holds its tiles. More
+            classes: less padding per edit, more graphs and warm-up time. 2 to 14 (with the
+            count graph and the dense graph an engine holds at most 16 graphs).
+        cost_model: with ``cuda_graphs`` on CUDA, time every size class's sparse graph against
+            a graph of the dense model during warm-up and run the faster one for every edit of
+            that class (large edits run dense: the caches are left alone and ``commit`` records
             the edited input again).
         dense_backend: how that dense path runs on CUDA: "inductor" (``torch.compile`` of the
             captured graph, compiled on the first measured edit) or "eager".
@@ -79,12 +85,6 @@ class SparseConfig:
             the tiles its producer writes, by tile ops and attention on the same tile list, the
             producer hands its tile batch to the readers and the map is never built (no scatter,
             no gathers, no working map; ``pipeline.pass_tiles``).
-        speculate: with ``cuda_graphs``, launch the graph of the previous edit's capacities
-            before the edit's one host sync (the tile counts), so the GPU does not wait for the
-            host; kept if the new counts fit (padding rows write nowhere), undone and followed by
-            the right graph otherwise, and undone on a stale input. A kept speculative result
-            computed the same tiles with more padding rows (cuDNN may pick another algorithm
-            for the larger batch: fp16 rounding may differ).
     """
 
     mask_policy: str = "truncated"
@@ -98,6 +98,7 @@ class SparseConfig:
     norm_stats: str = "cached"
     tile_lists: str = "exact"
     cuda_graphs: bool = False
+    size_classes: int = 14
     cost_model: bool = True
     dense_backend: str = "inductor"
     channels_last: bool = True
@@ -106,7 +107,6 @@ class SparseConfig:
     dense_regions: str = "inductor"
     tile_expressions: str = "inductor"
     pass_tiles: bool = True
-    speculate: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -143,6 +143,11 @@ class SparseConfig:
         if any(not isinstance(v, int) or v < 1 for v in sizes.values()):
             raise ValueError(f"block_size: tile sizes must be positive ints, got {sizes}")
         object.__setattr__(self, "block_size", MappingProxyType(sizes))
+        if not isinstance(self.size_classes, int) or not 2 <= self.size_classes <= 14:
+            raise ValueError(
+                f"size_classes: expected an int from 2 to 14 (an engine holds at most 16 "
+                f"graphs), got {self.size_classes!r}"
+            )
         if self.mask_dilation < 0 or self.mask_level_dilation < 0:
             raise ValueError("mask_dilation and mask_level_dilation must be >= 0")
         if self.spatial_inputs is not None:

@@ -27,3 +27,7 @@ class CaptureError(SigecError, RuntimeError):
 
 class CheckpointError(SigecError, ValueError):
     """A checkpoint that is missing, corrupt, or does not match the model."""
+
+
+class EditReplacedError(SigecError, RuntimeError):
+    """``commit`` of a slot whose uncommitted edit an edit of another slot replaced."""

@@ -262,7 +262,7 @@ def test_grid_padded_tile_lists_give_the_same_result(policy):
         engine.record(*args)
         mask = edit_masks(20, 22)["blobs"]
         results.append(engine.edit(apply_edit(args[0], mask), mask=mask))
-        ts = next(iter(engine.slots["0"].last_tiles.used().values()))
+        ts = next(iter(engine.path.last.tiles.used().values()))
         assert (ts.num_active is not None) == (lists == "grid")
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
@@ -327,16 +327,18 @@ def test_an_edit_forgets_the_previous_uncommitted_edit(policy):
     assert torch.equal(got, fresh.edit(xb))
 
 
-def _same_edits(engine, reference, args, kwargs, mask_names, commit_after):
+def _same_edits(engine, reference, args, kwargs, mask_names, commit_after, atol=0.0):
     """Run the same edits on two recorded engines (both commit after ``commit_after``): every
-    output must be bit-identical."""
+    output must be bit-identical (or within ``atol``: tile batches of other sizes let the CPU's
+    conv pick other blockings, which moves float rounding)."""
     x = args[0]
     masks = edit_masks(*x.shape[-2:])
     for i, mask_name in enumerate(mask_names):
         xe = apply_edit(x, masks[mask_name], seed=i)
         got = _sample(engine.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
         want = _sample(reference.edit(xe, *args[1:], mask=masks[mask_name], **kwargs))
-        assert torch.equal(got, want), mask_name
+        torch.testing.assert_close(got, want, rtol=0 if not atol else 1e-5, atol=atol,
+                                   msg=mask_name)  # fmt: skip
         if mask_name == commit_after:
             engine.commit()
             reference.commit()
@@ -345,8 +347,9 @@ def _same_edits(engine, reference, args, kwargs, mask_names, commit_after):
 
 @pytest.mark.parametrize("name", ["sd15-unet-tiny", "gaugan-tiny"])
 def test_static_shape_graph_path_gives_the_eager_result(name):
-    """The CUDA-graph path (capacity buckets, device-side dirty lists, commit by copy) runs
-    uncaptured off CUDA: it must reproduce the eager engine bit for bit, across commits."""
+    """The static (CUDA-graph) path (size classes, undo in the count graph, commit by copy) runs
+    uncaptured off CUDA: it must reproduce the eager engine across commits (to float rounding:
+    its tile batches carry padding rows)."""
     model, args, kwargs = _tiny(name)
     base = dict(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, norm_stats="incremental")
     eager = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base))
@@ -354,8 +357,9 @@ def test_static_shape_graph_path_gives_the_eager_result(name):
                             config=sigec.SparseConfig(**base, cuda_graphs=True))  # fmt: skip
     for e in (eager, graphed):
         e.record(*args, **kwargs)
-    _same_edits(graphed, eager, args, kwargs, ["blob", "pixel", "full", "blob", "border"], "full")
-    assert len(graphed.slots["0"].graphs.entries) <= 5
+    _same_edits(graphed, eager, args, kwargs, ["blob", "pixel", "full", "blob", "border"], "full",
+                atol=1e-5)  # fmt: skip
+    assert graphed.stats()["graphs"]["held"] <= 16
 
 
 def test_cuda_graphs_need_the_truncated_policy():
@@ -373,14 +377,14 @@ def test_a_dense_edit_from_the_cost_model_commits_by_recording_again():
     x = args[0]
     masks = edit_masks(*x.shape[-2:])
     engine.edit(apply_edit(x, masks["blob"], seed=1), mask=masks["blob"])  # a sparse edit
-    runner = engine.slots["0"].graphs
-    runner.default_choice = "dense"  # what the cost model picks for large edits on a GPU
+    path = engine.path
+    path.choice = ["dense"] * len(path.choice)  # what the cost model picks for large edits
     xe = apply_edit(x, masks["full"], seed=2)
     torch.testing.assert_close(engine.edit(xe, mask=masks["full"]), _dense(model, (xe,), {}),
                                rtol=0, atol=0)  # fmt: skip
     assert engine.stats()["ran_dense"] and engine.edit_footprint() == [None]
     engine.commit()
-    runner.default_choice = "sparse"
+    path.choice = ["sparse"] * len(path.choice)
     fresh = sigec.compile(model, (xe,), kwargs, config=config)
     fresh.record(xe)
     x2 = apply_edit(xe, masks["blob"], seed=3)
@@ -394,7 +398,8 @@ def test_channels_last_maps_give_the_same_edit():
     cl = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**base, channels_last=True))
     for e in (plain, cl):
         e.record(*args, **kwargs)
-    maps = [b for n, b in cl.slots["0"].named_buffers() if n.startswith("work__")]
+    maps = [b for n, b in cl.live.named_buffers() if n.startswith("work__")]
+    maps += [b for n, b in cl.slots["0"].named_buffers() if n.startswith("cache__")]
     assert all(b.is_contiguous(memory_format=torch.channels_last) for b in maps)
     x = args[0]
     mask = edit_masks(*x.shape[-2:])["blob"]
@@ -423,7 +428,8 @@ def test_private_maps_need_no_cache_and_change_nothing(graphs):
     for e in (engine, full):
         e.record(*args, **kwargs)
     buffers = dict(engine.slots["0"].named_buffers())
-    assert all(f"cache__{m}" not in buffers and f"work__{m}" in buffers for m in prog.private_maps)
+    work = dict(engine.live.named_buffers())
+    assert all(f"cache__{m}" not in buffers and f"work__{m}" in work for m in prog.private_maps)
     assert engine.stats()["cache_bytes"] < full.stats()["cache_bytes"]
     _same_edits(engine, full, args, kwargs, ["blob", "pixel", "blobs", "blob"], "pixel")
 
@@ -510,15 +516,15 @@ def test_graph_path_refuses_stale_inputs_before_touching_anything():
     xe = apply_edit(x, mask)
     first = engine.edit(xe, t)
     footprint = engine.edit_footprint()
-    runner = engine.slots["0"].graphs
-    inputs_before = [b.clone() for b in runner.static_inputs]
+    path = engine.path
+    inputs_before = [b.clone() for b in path.static_inputs]
     other = edit_masks(16, 16)["corner"]
     with pytest.raises(sigec.StaleCacheError, match="input 1 differs from the one recorded"):
         engine.edit(apply_edit(x, other, seed=5), t + 1)
     # the refused edit's inputs, mask and tile lists are gone again
     for got, want in zip(engine.edit_footprint(), footprint, strict=True):
         assert torch.equal(got, want)
-    for got, want in zip(runner.static_inputs, inputs_before, strict=True):
+    for got, want in zip(path.static_inputs, inputs_before, strict=True):
         assert torch.equal(got, want)
     engine.commit()  # commits the first edit, not the refused one
     torch.testing.assert_close(engine.edit(xe, t), first, rtol=0, atol=0)
@@ -535,15 +541,15 @@ def test_graph_path_refused_first_edit_then_dense_commit():
     mask = edit_masks(16, 16)["blob"]
     with pytest.raises(sigec.StaleCacheError):
         engine.edit(apply_edit(x, mask, seed=5), t + 1)
-    runner = engine.slots["0"].graphs
-    assert torch.equal(runner.static_inputs[0], x) and torch.equal(runner.static_inputs[1], t)
-    runner.default_choice = "dense"  # what the cost model picks for a large edit on a GPU
+    path = engine.path
+    assert torch.equal(path.static_inputs[0], x) and torch.equal(path.static_inputs[1], t)
+    path.choice = ["dense"] * len(path.choice)  # what the cost model picks for a large edit
     xe = apply_edit(x, mask)
     got = engine.edit(xe, t)
     torch.testing.assert_close(got, model(xe, t), rtol=1e-5, atol=1e-5)
     engine.commit()
     xe2 = apply_edit(xe, edit_masks(16, 16)["corner"], seed=7)
-    runner.default_choice = "sparse"
+    path.choice = ["sparse"] * len(path.choice)
     fresh = sigec.compile(model, args, config=dataclasses.replace(config, cuda_graphs=False))
     fresh.record(xe, t)  # what the commit must have recorded: the accepted edit's inputs
     torch.testing.assert_close(engine.edit(xe2, t), fresh.edit(xe2, t), rtol=1e-5, atol=1e-5)

@@ -170,8 +170,9 @@ def _restore_fake(work, cache, corners, tile_h, tile_w, num_active=None, check_v
 #
 # An edit first undoes the previous one in every working map: one restore per map is ~150
 # launches for SD 1.5. ``RestoreBatch`` does them all in one launch per group: a device table holds
-# each map's pointers, sizes, strides and tile list, and program (k, m, n) copies tile m of sample
-# n of map k.
+# each map's pointers, sizes, strides and tile list, and program (k, p, n) copies tiles
+# p, p + P, p + 2P, ... (up to the tile list's device-side count) of sample n of map k. The grid
+# depends on no count, so one captured launch serves every edit, whatever its number of tiles.
 #
 # Strides read from a table are unknown to the compiler, so a plain copy moves one element per
 # thread with strided addresses (H100: ~10x below bandwidth for channels-last fp16 maps). Maps
@@ -181,16 +182,17 @@ def _restore_fake(work, cache, corners, tile_h, tile_w, num_active=None, check_v
 # hinted as multiples of 16 bytes, and each pixel's channels are copied as unmasked vectors.
 
 _F = 22  # table fields per map (the order of ``RestoreBatch._row``)
+PROGRAMS = 64  # programs per map and sample: each loops over every P-th tile of its list
 
 
 @triton.jit
 def _restore_batch_kernel(
     table_ptr, proto_ptr,
-    F: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, VEC: tl.constexpr,
-    ALIGN: tl.constexpr,
+    F: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    VEC: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     k = tl.program_id(0)
-    m = tl.program_id(1)
+    p = tl.program_id(1)
     n = tl.program_id(2)
     d = table_ptr + k * F
     corners_ptr = tl.load(d + 2).to(tl.pointer_type(tl.int32))
@@ -203,45 +205,47 @@ def _restore_batch_kernel(
     TILE_H = tl.load(d + 9)
     TILE_W = tl.load(d + 10)
     rows = tl.load(d + 11)
-    valid = (m < rows) & (n < N)
-    count = tl.load(count_ptr, mask=valid & has_count, other=0).to(tl.int64)
-    valid = valid & (m < tl.where(has_count, count, rows))
-    c_end = tl.where(valid, C, 0)  # no channels to copy: the loop below does not run
-
-    offs_p = tl.arange(0, BLOCK_P)
-    y = tl.load(corners_ptr + 2 * m, mask=valid, other=0) + offs_p // TILE_W
-    x = tl.load(corners_ptr + 2 * m + 1, mask=valid, other=0) + offs_p % TILE_W
-    inside = (offs_p < TILE_H * TILE_W) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    # -- the tiles to copy: the list's rows up to its device-side count, none for samples >= N
+    count = tl.load(count_ptr, mask=has_count, other=0).to(tl.int64)
+    limit = tl.where(has_count, tl.minimum(count, rows), rows)
+    limit = tl.where(n < N, limit, 0)
     n64 = n.to(tl.int64)
-    if VEC > 0:  # channels contiguous: [BLOCK_P, BLOCK_C], channel vectors per pixel
-        y64 = y.to(tl.int64)
-        x64 = x.to(tl.int64)
-        src0 = tl.load(d + 21) + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(
-            d + 19)  # fmt: skip
-        dst0 = tl.load(d + 20) + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(
-            d + 15)  # fmt: skip
-        src0 = tl.multiple_of(src0, ALIGN)[:, None]
-        dst0 = tl.multiple_of(dst0, ALIGN)[:, None]
-        offs_c = tl.arange(0, BLOCK_C)[None, :]
-        mask = inside[:, None]
-        for c0 in range(0, c_end, BLOCK_C):
-            v = tl.load(proto_ptr + (src0 + c0) + offs_c, mask=mask)
-            tl.store(proto_ptr + (dst0 + c0) + offs_c, v, mask=mask)
-    else:
-        work_ptr = tl.load(d + 0).to(proto_ptr.dtype)
-        cache_ptr = tl.load(d + 1).to(proto_ptr.dtype)
-        y64 = y[None, :].to(tl.int64)
-        x64 = x[None, :].to(tl.int64)
-        src0 = cache_ptr + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(d + 19)
-        dst0 = work_ptr + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(d + 15)
-        stride_cc = tl.load(d + 17)
-        stride_wc = tl.load(d + 13)
-        for c0 in range(0, c_end, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            c64 = offs_c[:, None].to(tl.int64)
-            mask = (offs_c < C)[:, None] & inside[None, :]
-            v = tl.load(src0 + c64 * stride_cc, mask=mask)
-            tl.store(dst0 + c64 * stride_wc, v, mask=mask)
+    offs_p = tl.arange(0, BLOCK_P)
+    for m in range(p, limit, P):
+        y = tl.load(corners_ptr + 2 * m) + offs_p // TILE_W
+        x = tl.load(corners_ptr + 2 * m + 1) + offs_p % TILE_W
+        inside = (offs_p < TILE_H * TILE_W) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        if VEC > 0:  # channels contiguous: [BLOCK_P, BLOCK_C], channel vectors per pixel
+            y64 = y.to(tl.int64)
+            x64 = x.to(tl.int64)
+            src0 = tl.load(d + 21) + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(
+                d + 19)  # fmt: skip
+            dst0 = tl.load(d + 20) + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(
+                d + 15)  # fmt: skip
+            src0 = tl.multiple_of(src0, ALIGN)[:, None]
+            dst0 = tl.multiple_of(dst0, ALIGN)[:, None]
+            offs_c = tl.arange(0, BLOCK_C)[None, :]
+            mask = inside[:, None]
+            for c0 in range(0, C, BLOCK_C):
+                v = tl.load(proto_ptr + (src0 + c0) + offs_c, mask=mask)
+                tl.store(proto_ptr + (dst0 + c0) + offs_c, v, mask=mask)
+        else:
+            work_ptr = tl.load(d + 0).to(proto_ptr.dtype)
+            cache_ptr = tl.load(d + 1).to(proto_ptr.dtype)
+            y64 = y[None, :].to(tl.int64)
+            x64 = x[None, :].to(tl.int64)
+            src0 = cache_ptr + n64 * tl.load(d + 16) + y64 * tl.load(d + 18) + x64 * tl.load(
+                d + 19)  # fmt: skip
+            dst0 = work_ptr + n64 * tl.load(d + 12) + y64 * tl.load(d + 14) + x64 * tl.load(
+                d + 15)  # fmt: skip
+            stride_cc = tl.load(d + 17)
+            stride_wc = tl.load(d + 13)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c64 = offs_c[:, None].to(tl.int64)
+                mask = (offs_c < C)[:, None] & inside[None, :]
+                v = tl.load(src0 + c64 * stride_cc, mask=mask)
+                tl.store(dst0 + c64 * stride_wc, v, mask=mask)
 
 
 def vector_width(work: torch.Tensor, cache: torch.Tensor, most: int = 64) -> int:
@@ -270,14 +274,17 @@ class RestoreBatch:
     tile_h, tile_w)`` (``num_active`` may be None), checked like ``restore`` (shapes, dtypes,
     devices; corner values are not range-checked: they come from this edit's tile lists).
 
-    Calling it copies every item's tiles from its cache into its work map: one Triton launch per
-    dtype and vector width on CUDA (``use_triton=True`` forces the kernel, e.g. under the CPU
-    interpreter), one ``restore_reference`` per item otherwise. The launch reads the tensors
-    through a device table of their addresses, built here once: the tensors must stay alive and
-    in place (the CUDA-graph path builds one per capture, whose buffers never move).
+    Calling it copies every item's tiles from its cache into its work map (swap the two for the
+    other direction): one Triton launch per dtype and vector width on CUDA (``use_triton=True``
+    forces the kernel, e.g. under the CPU interpreter), one ``restore_reference`` per item
+    otherwise. The launch reads the tensors through a device table of their addresses, built
+    here once: the tensors must stay alive and in place. Its grid depends on no count (each
+    program loops over its share of the tiles up to the device-side count), so a CUDA graph that
+    captured the launch serves any number of tiles, and ``load_tables`` points it at other
+    tensors of the same layout (another slot's caches) without capturing again.
     """
 
-    def __init__(self, items, use_triton: bool | None = None):
+    def __init__(self, items, use_triton: bool | None = None, programs: int = PROGRAMS):
         # the table holds addresses: corners must be contiguous [M, 2] (kept alive here)
         self.items = [(w, c, co.contiguous(), n, th, tw) for w, c, co, n, th, tw in items]
         for work, cache, corners, count, th, tw in self.items:
@@ -302,7 +309,7 @@ class RestoreBatch:
             block_c = max(1, min(64, 4096 // block_p))
             if vec:  # a divisor of every C of the group: no channel mask
                 block_c = max(min(vec, block_c), 16 // proto.element_size())
-            grid = (len(group), rows, n)
+            grid = (len(group), min(rows, programs), n)
             self.launches.append((table.to(proto.device), proto, grid, block_c, block_p, vec))
 
     @staticmethod
@@ -316,12 +323,31 @@ class RestoreBatch:
                 (work.data_ptr() - proto.data_ptr()) // size,
                 (cache.data_ptr() - proto.data_ptr()) // size]  # fmt: skip
 
+    def load_tables(self, other: RestoreBatch) -> None:
+        """Copy ``other``'s targets into this batch, in place: launches (also captured ones) then
+        copy ``other``'s tensors. ``other`` must have this batch's layout: the same number of
+        items, with the same shapes, dtypes, strides and tile sizes, grouped alike."""
+        if len(other.items) != len(self.items) or any(
+            (a[0].shape, a[0].dtype, a[0].stride(), a[1].stride(), a[4:])
+            != (b[0].shape, b[0].dtype, b[0].stride(), b[1].stride(), b[4:])
+            for a, b in zip(self.items, other.items, strict=True)
+        ):
+            raise ValueError("load_tables: the other batch has another layout")
+        if [launch[2:] for launch in self.launches] != [launch[2:] for launch in other.launches]:
+            raise ValueError("load_tables: the other batch groups its items differently")
+        self.items = list(other.items)
+        for mine, theirs in zip(self.launches, other.launches, strict=True):
+            if theirs[1].data_ptr() != mine[1].data_ptr():  # offsets are from each proto
+                raise ValueError("load_tables: the batches' first tensors differ")
+            mine[0].copy_(theirs[0])
+
     def __call__(self) -> None:
         if not self.use_triton:
             for work, cache, corners, count, th, tw in self.items:
                 restore_reference(work, cache, corners, th, tw, count)
             return
         for table, proto, grid, block_c, block_p, vec in self.launches:
-            _restore_batch_kernel[grid](table, proto, F=_F, BLOCK_C=block_c, BLOCK_P=block_p,
-                                        VEC=vec, ALIGN=max(1, 16 // proto.element_size()),
+            _restore_batch_kernel[grid](table, proto, F=_F, P=grid[1], BLOCK_C=block_c,
+                                        BLOCK_P=block_p, VEC=vec,
+                                        ALIGN=max(1, 16 // proto.element_size()),
                                         num_warps=4)  # fmt: skip

@@ -1,18 +1,19 @@
-"""SparseEngine: record / edit / commit over a compiled ``Program``, one cache slot per key.
+"""SparseEngine: record / warmup / edit / commit over a compiled ``Program``, a cache per slot.
 
 How an edit flows (see docs/how-it-works.md):
 1. inputs are checked against the compiled example (shape, dtype, device, structure) and the
    non-image inputs against the slot's record (a different timestep or prompt is a stale cache);
 2. the edit mask is taken as given or computed as ``|edited - recorded| > mask_eps`` (any
    channel), dilated by ``mask_dilation``;
-3. the tiles the previous edit wrote are restored from the cache (one ``RestoreBatch`` launch):
-   every working map equals the record again, in O(previously active) work;
-4. the edit graph runs: sparse ops gather, compute and scatter their active tiles into the working
-   maps; dense ops run on full maps;
-5. ``commit`` swaps working maps and caches (no copy): the edit becomes the new original.
+3. the edit path (``sigec.runtime.edit_path``: eager, or static with CUDA graphs) runs the edit
+   graph on the engine's working set (``sigec.runtime.state.LiveState``), which holds the slot's
+   caches with only the edited tiles recomputed;
+4. ``commit`` copies the tiles the edit wrote into the slot's caches (O(active)): the edit
+   becomes the new original.
 
-Host synchronisation on the edit path: tile lists are built with ``nonzero`` (one sync per tile
-list) unless the caller asks for fixed capacities; the exact policy also reads mask emptiness.
+``record`` fills a slot (its caches) and, the first time, warms the engine up (``warmup``: size
+classes, compiled parts, every CUDA graph); later records, of this slot or others, keep all of
+it.
 """
 
 from __future__ import annotations
@@ -24,108 +25,22 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from sigec.errors import InputMismatchError, MaskError, NotRecordedError
-from sigec.kernels.restore import RestoreBatch
-from sigec.runtime import ops
-from sigec.runtime.graphs import GraphedEdits
-from sigec.runtime.inputs import flatten_call, raise_if_stale
+from sigec.runtime import cost, ops
+from sigec.runtime.edit_path import EagerPath, EditPath
+from sigec.runtime.inputs import flatten_call
 from sigec.runtime.masks import TileSet, difference_mask, dilate
 from sigec.runtime.ops import layout_to_map
 from sigec.runtime.program import Program
-from sigec.runtime.tiles import TileTable, edit_masks
-
-
-class SlotState(torch.nn.Module):
-    """One slot's caches as registered buffers (they move with ``.to()`` and show in the repr).
-
-    Buffers: ``cache__<map>`` / ``work__<map>`` per sparse map, ``static__<node>`` per cached
-    value, ``norm__<node>__scale`` / ``__shift`` per folded normalisation, ``input__<i>`` per
-    recorded input tensor.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.dirty: dict[str, TileSet] = {}
-        self.map_names: list[str] = []
-        self.last_tiles: TileTable | None = None
-        self.pending_inputs: dict[int, torch.Tensor] | None = None
-        self.written: dict[str, TileSet] = {}  # this edit: map -> the tiles its op wrote
-        self.norm_inputs: dict[str, str] = {}  # incremental norm -> its input node
-        self.pending_norm_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.graphs = None  # GraphedEdits, with SparseConfig(cuda_graphs=True)
-
-    def add_map(self, name: str, value: torch.Tensor, private: bool = False) -> None:
-        """A working map and (unless ``private``: read only where this edit writes) its cache."""
-        if not private:
-            self.register_buffer(f"cache__{name}", value.detach().clone())
-            self.map_names.append(name)
-        self.register_buffer(f"work__{name}", value.detach().clone())
-
-    def set_map(self, name: str, value: torch.Tensor, private: bool = False) -> None:
-        """Cache and working map of ``name`` := ``value`` (new buffers, or copied in place)."""
-        if not self.has_map(name):
-            self.add_map(name, value, private)
-            return
-        if not private:
-            self.cache(name).copy_(value)
-        self.work(name).copy_(value)
-
-    def set_buffer(self, key: str, value: torch.Tensor) -> None:
-        """Buffer ``key`` := ``value`` (registered if new, copied in place otherwise)."""
-        if key in self._buffers:
-            self._buffers[key].copy_(value)
-        else:
-            self.register_buffer(key, value.detach().clone())
-
-    def has_map(self, name: str) -> bool:
-        return f"work__{name}" in self._buffers
-
-    def note_written(self, name: str, tiles: TileSet) -> None:
-        self.written[name] = tiles
-
-    def norm_input(self, name: str) -> str:
-        return self.norm_inputs[name]
-
-    def norm_sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recorded (or committed) per-group sum and sum of squares, fp64 [N, G]."""
-        return self._buffers[f"norm__{name}__s1"], self._buffers[f"norm__{name}__s2"]
-
-    def work(self, name: str) -> torch.Tensor:
-        return self._buffers[f"work__{name}"]
-
-    def cache(self, name: str) -> torch.Tensor:
-        return self._buffers[f"cache__{name}"]
-
-    def static(self, name: str) -> torch.Tensor:
-        return self._buffers[f"static__{name}"]
-
-    def norm(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._buffers[f"norm__{name}__scale"], self._buffers[f"norm__{name}__shift"]
-
-    def recorded_input(self, i: int) -> torch.Tensor:
-        return self._buffers[f"input__{i}"]
-
-    def restore_dirty(self) -> None:
-        """Make every working map equal to its cache again, touching only the dirtied tiles."""
-        RestoreBatch([(self.work(name), self.cache(name), ts.out_corners, ts.num_active,
-                       *ts.out_tile) for name, ts in self.dirty.items()])()  # fmt: skip
-        self.dirty = {}
-
-    def swap(self) -> None:
-        for name in self.map_names:
-            c, w = f"cache__{name}", f"work__{name}"
-            self._buffers[c], self._buffers[w] = self._buffers[w], self._buffers[c]
-        for name, (s1, s2) in self.pending_norm_sums.items():
-            self._buffers[f"norm__{name}__s1"], self._buffers[f"norm__{name}__s2"] = s1, s2
-        self.pending_norm_sums = {}
-
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+from sigec.runtime.state import LiveState, SlotCache
+from sigec.runtime.static_path import StaticPath
 
 
 class SparseEngine(torch.nn.Module):
     """An incremental version of a model: ``record`` once, then ``edit`` many times.
 
-    Built by ``sigec.compile``; see its docstring for the call signatures.
+    Built by ``sigec.compile``; see its docstring for the call signatures. ``slots`` holds one
+    ``SlotCache`` per recorded key; ``live`` is the working set every edit runs on; ``path`` the
+    edit path (``EagerPath`` or, with ``cuda_graphs``, ``StaticPath``).
     """
 
     def __init__(self, program: Program, config, rebuild: Callable | None = None):
@@ -134,6 +49,9 @@ class SparseEngine(torch.nn.Module):
         self._rebuild = rebuild
         self._set_program(program)
         self.slots = torch.nn.ModuleDict()
+        self.live: LiveState | None = None
+        self.path: EditPath | None = None
+        self._warmup_in_edit = False
 
     def dense_callable(self):
         """The dense model as the cost model runs it: the captured graph, compiled by inductor
@@ -160,6 +78,12 @@ class SparseEngine(torch.nn.Module):
                         t = getattr(t, part)
                     if isinstance(t, torch.Tensor) and t.dim() == 4:
                         t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+    def _make_path(self) -> EditPath:
+        if self.config.cuda_graphs:
+            return StaticPath(self.program, self.config, self.edit_gm, self.live,
+                              self.dense_callable)  # fmt: skip
+        return EagerPath(self.program, self.config, self.edit_gm, self.live)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -188,7 +112,7 @@ class SparseEngine(torch.nn.Module):
                 )
         return flat
 
-    def _slot(self, slot) -> SlotState:
+    def _slot(self, slot) -> SlotCache:
         key = str(slot)
         if key not in self.slots:
             raise NotRecordedError(
@@ -197,43 +121,49 @@ class SparseEngine(torch.nn.Module):
             )
         return self.slots[key]
 
-    def _check_not_stale(self, state: SlotState, flat: list) -> None:
-        names, changed = self._stale_flags(state, flat)
-        if changed is not None:
-            raise_if_stale(names, changed.tolist())
-
-    def _stale_flags(self, state: SlotState, flat: list):
-        """(input names, bool tensor on the device: which non-image tensor inputs differ from
-        the recorded ones), without a host sync; (names, None) if there are none."""
-        names, flags = [], []
-        for i, kind in enumerate(self.program.input_kinds):
-            if kind != "tensor":
-                continue
-            rec = state.recorded_input(i)
-            v = flat[i].to(rec.dtype)
-            same = (v == rec).all() if v.shape == rec.shape else torch.zeros((), dtype=torch.bool)
-            names.append(self.program.input_names[i])
-            flags.append(~same.to(rec.device))
-        return names, (torch.stack(flags) if flags else None)
-
-    # -- record / edit / commit ----------------------------------------------------------------
+    # -- record / warmup / edit / commit -------------------------------------------------------
 
     @torch.no_grad()
-    def record(self, *args, slot=0, **kwargs):
+    def record(self, *args, slot=0, warmup: bool = True, **kwargs):
         """Run the model densely on the original inputs and fill this slot's caches.
+
+        A slot recorded again is overwritten in place (its uncommitted edit is dropped); every
+        graph, compiled part and size class of the engine stays. The first record also warms the
+        engine up (``warmup``) unless ``warmup=False``; then the first edit does.
 
         Returns:
             The model's output, in the model's own output type.
         """
         flat = self._flatten(args, kwargs)
-        state = SlotState()
+        key = str(slot)
+        state = self.slots[key] if key in self.slots else SlotCache()
         outs = self._record_into(state, flat)
-        self.slots[str(slot)] = state
+        if key not in self.slots:
+            self.slots[key] = state
+        if self.live is None:
+            self.live = LiveState(state, self.program.maps, self._norm_inputs(),
+                                  self.config.channels_last)  # fmt: skip
+            self.path = self._make_path()
+        self.path.forget(key)
+        if warmup and not self.path.warmed:
+            self.warmup(slot)
         return pytree.tree_unflatten(list(outs), self.program.out_spec)
 
-    def _record_into(self, state: SlotState, flat: list) -> list:
+    @torch.no_grad()
+    def warmup(self, slot=0) -> dict:
+        """Make everything edits need, on the inputs recorded in ``slot``: size classes, compiled
+        dense regions, tile expressions and dense model, every CUDA graph, the cost model's
+        verdicts. Edits never capture, compile or measure. Returns what it took (seconds per
+        step, the classes, the cost model's timings); ``stats()["warmup"]`` keeps it."""
+        state = self._slot(slot)
+        return self.path.warmup(str(slot), state)
+
+    def _norm_inputs(self) -> dict[str, str]:
+        return {nf.name: nf.input for nf in self.program.norms if nf.incremental}
+
+    def _record_into(self, state: SlotCache, flat: list) -> list:
         """Run the record graph on ``flat`` and fill ``state``'s buffers: registered if new,
-        overwritten in place otherwise (CUDA graphs hold their addresses)."""
+        overwritten in place otherwise (the working set's tables hold their addresses)."""
         prog = self.program
         keep = set(prog.maps) | set(prog.statics)
         for nf in prog.norms:
@@ -246,10 +176,12 @@ class SparseEngine(torch.nn.Module):
             if name in values:  # a map kept in a token layout: the edit holds maps
                 values[name] = layout_to_map(values[name], layout, res)
         for name in prog.maps:
+            if name in prog.private_maps:  # read only where this edit writes: no cache
+                continue
             value = values[name]
             if self.config.channels_last and value.dim() == 4:
                 value = value.contiguous(memory_format=torch.channels_last)
-            state.set_map(name, value, name in prog.private_maps)
+            state.set_map(name, value)
         for name in prog.statics:
             state.set_buffer(f"static__{name}", values[name])
         for nf in prog.norms:
@@ -258,7 +190,6 @@ class SparseEngine(torch.nn.Module):
                 xg = xg.double()
                 state.set_buffer(f"norm__{nf.name}__s1", xg.sum(-1))
                 state.set_buffer(f"norm__{nf.name}__s2", (xg * xg).sum(-1))
-                state.norm_inputs[nf.name] = nf.input
                 continue
             scale, shift = _fold_norm(nf, values)
             state.set_buffer(f"norm__{nf.name}__scale", scale)
@@ -287,53 +218,26 @@ class SparseEngine(torch.nn.Module):
         """
         flat = self._flatten(args, kwargs)
         state = self._slot(slot)
+        if not self.path.warmed:  # record(..., warmup=False): the first edit warms up
+            self.warmup(slot)
+            self._warmup_in_edit = True
         edit_mask = self._edit_mask(state, flat, mask)
-        if self.config.cuda_graphs:  # the stale check rides on the edit's one host sync
-            if state.graphs is None:
-                state.graphs = GraphedEdits(self, state)
-            outs = state.graphs.run(flat, edit_mask)
-            return self._finish_edit(state, flat, outs)
-        self._check_not_stale(state, flat)
-        state.restore_dirty()
-        state.written, state.pending_norm_sums = {}, {}
-        masks = edit_masks(self.program, edit_mask, self.config.mask_threshold,
-                           self.config.mask_level_dilation)  # fmt: skip
-        tiles = TileTable(self.program, masks, pad_to_grid=self.config.tile_lists == "grid")
-        outs = self.edit_gm(state, tiles, *flat)
-        state.dirty = {
-            name: tiles[key]
-            for name, key in self.program.map_tiles.items()
-            if key in tiles.used() and name in self.program.maps
-            and name not in self.program.private_maps
-        }  # fmt: skip
-        state.last_tiles = tiles
-        return self._finish_edit(state, flat, outs)
-
-    def _finish_edit(self, state, flat, outs):
-        state.pending_inputs = {
-            i: flat[i] for i, k in enumerate(self.program.input_kinds) if k == "spatial"
-        }
+        outs = self.path.run(str(slot), state, flat, edit_mask)
         outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
         return pytree.tree_unflatten(outs, self.program.out_spec)
 
     def commit(self, slot=0) -> None:
-        """Make the last edit of ``slot`` its new original (no copy: caches and maps swap)."""
-        state = self._slot(slot)
-        if state.pending_inputs is None:
-            return
-        if state.graphs is not None and state.graphs.ran_dense:
-            # the last edit ran the dense model: record its inputs again, in place
-            self._record_into(state, state.graphs.static_inputs)
-            state.graphs.forget_dirty()
-        elif state.graphs is not None:
-            state.graphs.commit()  # graphs hold buffer addresses: copy, never swap
-        else:
-            state.swap()
-        for i, value in state.pending_inputs.items():
-            state.recorded_input(i).copy_(value)
-        state.pending_inputs = None
+        """Make the last edit of ``slot`` its new original: the tiles it wrote are copied into
+        the slot's caches (after an edit the dense model ran, the slot records it again).
 
-    def _edit_mask(self, state: SlotState, flat: list, mask) -> torch.Tensor:
+        Raises:
+            EditReplacedError: an edit of another slot replaced this slot's uncommitted edit.
+        """
+        state = self._slot(slot)
+        with torch.no_grad():
+            self.path.commit(str(slot), state, self._record_into)
+
+    def _edit_mask(self, state: SlotCache, flat: list, mask) -> torch.Tensor:
         h, w = self.program.input_resolution
         if mask is None:
             m = None
@@ -361,17 +265,22 @@ class SparseEngine(torch.nn.Module):
 
     # -- reporting and moving ------------------------------------------------------------------
 
+    def _last(self, slot):
+        self._slot(slot)
+        last = self.path.last if self.path is not None else None
+        return last if last is not None and last.key == str(slot) else None
+
     def edit_footprint(self, slot=0) -> list[torch.Tensor | None]:
         """Per flat output: bool ``[H, W]`` of the pixels the last edit may have changed.
 
         Outside it the output equals the record bit for bit. ``None`` for an output the edit
         recomputes densely (or that is not a map).
         """
-        state = self._slot(slot)
-        if state.last_tiles is None:
+        last = self._last(slot)
+        if last is None:
             raise NotRecordedError(f"slot {slot!r} has no edit yet: call engine.edit(...) first")
         out_node = next(n for n in reversed(self.edit_gm.graph.nodes) if n.op == "output")
-        if state.graphs is not None and state.graphs.ran_dense:  # the dense model ran
+        if last.ran_dense:  # the dense model ran
             return [None] * len(pytree.tree_leaves(out_node.args[0]))
         result = []
         for arg in pytree.tree_leaves(out_node.args[0]):
@@ -380,7 +289,7 @@ class SparseEngine(torch.nn.Module):
                 result.append(None)
                 continue
             h, w = self.program.maps[name][0][-2:]
-            ts = state.last_tiles[self.program.map_tiles[name]]
+            ts = last.tiles[self.program.map_tiles[name]]
             cover = torch.zeros(h, w, dtype=torch.bool)
             bh, bw = ts.out_tile
             for y, x in ts.out_corners[: _count(ts)].tolist():
@@ -389,94 +298,78 @@ class SparseEngine(torch.nn.Module):
         return result
 
     def stats(self, slot=0) -> dict:
-        """MACs, active fractions and cache sizes of the last edit of ``slot``.
+        """MACs, active fractions, cache sizes and graphs of the last edit of ``slot``.
 
         Returns:
             dict with "dense_macs" (the dense model), "sparse_macs" (executed by the last edit:
-            sparse convs on their active tiles, dense convs / linears / attention in full, cached
-            values 0; None before the first edit), "macs_ratio" (dense / sparse), "active_fraction"
-            ({"HxW": share of output pixels the sparse convs at that resolution computed}),
-            "macs_by_resolution" ({"HxW" or "tokens": {"dense", "sparse"}}), "macs_by_op" (the
-            same per op kind: "conv", "linear", "attention"),
-            "cache_bytes" (this slot), "dense_fallbacks" (node, op, reason), "rewrites" (pass
-            counters), "tiles" (active tiles per tile list).
+            sparse convs on their computed tile rows, dense convs / linears / attention in full,
+            cached values 0; None before the first edit), "macs_ratio" (dense / sparse),
+            "active_fraction" ({"HxW": share of output pixels the sparse convs at that
+            resolution computed}), "macs_by_resolution" ({"HxW" or "tokens": {"dense",
+            "sparse"}}), "macs_by_op" (the same per op kind: "conv", "linear", "attention"),
+            "cache_bytes" (this slot's caches), "live_bytes" (the engine's one working set),
+            "dense_fallbacks" (node, op, reason), "rewrites" (pass counters), "tiles" (active
+            tiles per tile list), "ran_dense", "size_class" (the static edit shape that ran),
+            "graphs" (held, captured during warm-up, captured during edits: always 0) and
+            "warmup" (what warm-up took).
         """
         prog = self.program
         state = self.slots[str(slot)] if str(slot) in self.slots else None
-        tiles = state.last_tiles if state is not None else None
-        dense = sum(e.dense for e in prog.macs)
-        ran_dense = state is not None and state.graphs is not None and state.graphs.ran_dense
-        sparse = None
-        frac: dict[str, list[float]] = {}
-        by_res: dict[str, list[int]] = {}  # "HxW" (or "tokens") -> [dense, executed]
-        by_op: dict[str, list[int]] = {}  # "conv", "linear", "attention" -> [dense, executed]
-        counts = {}
-        if tiles is not None:
-            counts = {k: _count(ts) for k, ts in tiles.used().items()}
-            rows = {k: ts.capacity for k, ts in tiles.used().items()}  # padding rows compute too
-            sparse = 0
-            for e in prog.macs:
-                key = f"{e.resolution[0]}x{e.resolution[1]}" if e.resolution else "tokens"
-                done = 0
-                if e.mode == "dense":
-                    done = e.dense
-                elif e.mode == "sparse":
-                    req = prog.tile_requests[e.tile_key]
-                    n = e.dense // (e.per_pixel * e.resolution[0] * e.resolution[1])
-                    px = rows.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
-                    done = n * px * e.per_pixel
-                    covered = min(px, e.resolution[0] * e.resolution[1])
-                    frac.setdefault(key, []).append(covered / (e.resolution[0] * e.resolution[1]))
-                sparse += done
-                for table, k in ((by_res, key), (by_op, e.op)):
-                    row = table.setdefault(k, [0, 0])
-                    row[0] += e.dense
-                    row[1] += done
-        if ran_dense:  # the cost model ran the dense model for this edit
-            sparse = dense
+        last = self._last(slot) if state is not None else None
+        counts, rows = {}, {}
+        if last is not None:
+            used = last.tiles.used()
+            counts = {k: _count(ts) for k, ts in used.items()}
+            rows = {k: ts.capacity for k, ts in used.items()}  # padding rows compute too
+        spent = cost.executed(prog, rows)
+        sparse = None if last is None else (spent.dense if last.ran_dense else spent.sparse)
+        graphs = getattr(self.path, "graphs", None)
         return {
-            "ran_dense": ran_dense,
-            "dense_macs": dense,
+            "ran_dense": last is not None and last.ran_dense,
+            "size_class": last.size_class if last is not None else None,
+            "dense_macs": spent.dense,
             "sparse_macs": sparse,
-            "macs_ratio": (dense / sparse) if sparse else None,
-            "active_fraction": {k: sum(v) / len(v) for k, v in frac.items()},
-            "macs_by_resolution": {k: {"dense": d, "sparse": x} for k, (d, x) in by_res.items()},
-            "macs_by_op": {k: {"dense": d, "sparse": x} for k, (d, x) in by_op.items()},
+            "macs_ratio": (spent.dense / sparse) if sparse else None,
+            "active_fraction": spent.active_fraction if last is not None else {},
+            "macs_by_resolution": spent.by_resolution,
+            "macs_by_op": spent.by_op,
             "cache_bytes": state.nbytes() if state is not None else 0,
+            "live_bytes": self.live.nbytes() if self.live is not None else 0,
             "dense_fallbacks": [
                 {"node": n, "op": op, "reason": why} for n, op, why in prog.fallbacks
             ],
             "rewrites": dict(prog.counters),
             "tiles": counts,
-        }
+            "graphs": {
+                "held": self.path.graph_count() if hasattr(self.path, "graph_count") else 0,
+                "captured_in_warmup": graphs.captures if graphs is not None else 0,
+                "captured_in_edits": graphs.edit_captures if graphs is not None else 0,
+            },
+            "warmup": dict(self.path.warmup_report or {}, ran_in_first_edit=self._warmup_in_edit)
+            if self.path is not None else None,
+        }  # fmt: skip
 
     def to(self, *args, **kwargs):
-        """Move (and/or convert) weights and caches. The graphs are captured again for the new
-        device and dtype, since exported graphs bake devices and dtypes into some ops."""
+        """Move (and/or convert) weights and caches. The graphs and compiled parts are made
+        again (warm-up at the next edit), since exported graphs bake devices and dtypes in."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if self._rebuild is not None:
             self._set_program(self._rebuild(device, dtype))
-        for state in self.slots.values():
-            state.graphs = None  # captured for the old buffers: captured again on next edit
-            state.to(device=device)
+        holders = list(self.slots.values()) + ([self.live] if self.live is not None else [])
+        for holder in holders:
+            holder.to(device=device)
             if dtype is not None:
-                for name, buf in state._buffers.items():
+                for name, buf in holder._buffers.items():
                     if buf is not None and buf.is_floating_point():
-                        state._buffers[name] = buf.to(dtype)
-            state.dirty = {k: _move_tiles(v, device) for k, v in state.dirty.items()}
+                        holder._buffers[name] = buf.to(dtype)
+        if self.live is not None:
+            self.live.slot = None
+            self.path = self._make_path()
         return self
 
 
 def _count(ts: TileSet) -> int:
     return int(ts.num_active.item()) if ts.num_active is not None else int(ts.out_corners.shape[0])
-
-
-def _move_tiles(ts: TileSet, device) -> TileSet:
-    if device is None:
-        return ts
-    na = ts.num_active.to(device) if ts.num_active is not None else None
-    return TileSet(ts.out_corners.to(device), ts.in_corners.to(device), ts.out_tile, ts.in_tile,
-                   na)  # fmt: skip
 
 
 def _same_const(a, b) -> bool:

@@ -25,7 +25,9 @@ __all__ = [
     "difference_mask",
     "dilate",
     "downsample_mask",
+    "edit_sequence",
     "mask_pyramid",
+    "stroke_mask",
 ]
 
 
@@ -336,3 +338,96 @@ def blob_mask(
     if not best.any():  # fractions below one pixel still give one pixel
         best[int(cy[0]) % height, int(cx[0]) % width] = True
     return torch.from_numpy(best).to(device)
+
+
+def stroke_mask(
+    height: int,
+    width: int,
+    fraction: float,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A deterministic brush stroke covering about ``fraction`` of the image.
+
+    A round brush walks a smoothly turning path from a random start (reflecting at the
+    borders) and stops once the covered area reaches the target: thin strokes of 5 to 20 brush
+    widths' length, the shape a user paints. Same arguments, same mask on every machine (numpy's
+    seeded generator). The area reaches the target to within one brush stamp.
+
+    Args:
+        height, width: mask size.
+        fraction: target share of masked pixels; ``>= 1`` gives a full mask, ``<= 0`` an empty
+            one.
+        seed: selects start, direction, brush size and path.
+        device: where the returned tensor lives.
+
+    Returns:
+        bool ``[height, width]``.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"stroke_mask: size must be positive, got {height}x{width}")
+    if fraction >= 1.0:
+        return torch.ones(height, width, dtype=torch.bool, device=device)
+    if fraction <= 0.0:
+        return torch.zeros(height, width, dtype=torch.bool, device=device)
+    rng = np.random.default_rng(seed)
+    target = max(1, int(round(fraction * height * width)))
+    aspect = rng.uniform(5.0, 20.0)  # length / width of the stroke
+    radius = max(1.0, float(np.sqrt(target / (4.0 * aspect + np.pi))))
+    y, x = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    step = max(1.0, radius / 2.0)
+    out = np.zeros((height, width), dtype=bool)
+    r = int(np.ceil(radius))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = dy * dy + dx * dx <= radius * radius
+    area = 0
+    for _ in range(50 * (height + width)):  # a stroke that cannot grow any more stops too
+        cy, cx = int(round(y)), int(round(x))
+        y0, y1 = max(cy - r, 0), min(cy + r + 1, height)
+        x0, x1 = max(cx - r, 0), min(cx + r + 1, width)
+        if y0 < y1 and x0 < x1:
+            patch = disc[y0 - cy + r : y1 - cy + r, x0 - cx + r : x1 - cx + r]
+            window = out[y0:y1, x0:x1]
+            area += int((patch & ~window).sum())
+            window |= patch
+        if area >= target:
+            break
+        angle += rng.normal(0.0, 0.35)
+        y, x = y + step * np.sin(angle), x + step * np.cos(angle)
+        if not 0 <= y < height:  # reflect at the border
+            angle, y = -angle, min(max(y, 0.0), height - 1.0)
+        if not 0 <= x < width:
+            angle, x = np.pi - angle, min(max(x, 0.0), width - 1.0)
+    return torch.from_numpy(out).to(device)
+
+
+def edit_sequence(
+    height: int,
+    width: int,
+    count: int,
+    seed: int = 0,
+    fractions: tuple[float, float] = (0.005, 0.05),
+    commit_share: float = 0.8,
+):
+    """A seeded painting session: ``count`` edits, each a new stroke or blob mask.
+
+    Areas are drawn log-uniformly from ``fractions``, kinds half strokes, half blobs of one to
+    three parts, at random places; each edit is followed by a commit with probability
+    ``commit_share``. Benchmarks and tests share it, so "a session" means the same everywhere.
+
+    Returns:
+        A list of dicts ``{"kind", "fraction", "mask" (bool [H, W], CPU), "commit"}``.
+    """
+    rng = np.random.default_rng(seed)
+    lo, hi = np.log(fractions[0]), np.log(fractions[1])
+    edits = []
+    for i in range(count):
+        fraction = float(np.exp(rng.uniform(lo, hi)))
+        kind = "stroke" if rng.uniform() < 0.5 else "blob"
+        s = int(rng.integers(1 << 30))
+        mask = (stroke_mask(height, width, fraction, seed=s) if kind == "stroke"
+                else blob_mask(height, width, fraction, seed=s))  # fmt: skip
+        edits.append({"kind": kind, "fraction": fraction, "mask": mask,
+                      "commit": bool(rng.uniform() < commit_share), "index": i})  # fmt: skip
+    return edits

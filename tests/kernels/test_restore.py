@@ -158,3 +158,33 @@ def test_vector_width_needs_contiguous_channels_and_aligned_strides():
     assert vector_width(c, c.clone().contiguous(memory_format=cl)) == 0  # strides of 66
     d = torch.zeros(1, 80, 4, 4, dtype=torch.float32).contiguous(memory_format=cl)
     assert vector_width(d, d.clone()) == 16  # 80 = 16 * 5
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["ref", "triton"])
+def test_batch_programs_loop_over_more_tiles_than_there_are_programs(use_triton):
+    """Two programs per map walk a list of 7 tiles (5 real by the count): every real tile is
+    copied, the padding rows are not, as one restore per item would."""
+    corners = corners_tensor([(0, 0), (0, 4), (4, 0), (4, 4), (8, 2), (2, 8), (6, 6)])
+    work, cache = torch.randn(2, 3, 12, 12), torch.randn(2, 3, 12, 12)
+    count = torch.tensor([5], dtype=torch.int32)
+    want = work.clone()
+    restore_reference(want, cache, corners, 4, 4, count)
+    RestoreBatch([(work, cache, corners, count, 4, 4)], use_triton=use_triton, programs=2)()
+    torch.testing.assert_close(work, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["ref", "triton"])
+def test_load_tables_points_a_batch_at_other_caches(use_triton):
+    """What a CUDA graph that captured the batch relies on: after ``load_tables`` the same
+    launches copy from the other batch's caches (another slot), with no new batch built."""
+    work = torch.zeros(1, 2, 8, 8).contiguous(memory_format=torch.channels_last)
+    first, second = torch.ones_like(work), torch.full_like(work, 2.0)
+    corners, count = corners_tensor([(0, 0)]), torch.tensor([1], dtype=torch.int32)
+    batch = RestoreBatch([(work, first, corners, count, 4, 4)], use_triton=use_triton)
+    other = RestoreBatch([(work, second, corners, count, 4, 4)], use_triton=use_triton)
+    batch.load_tables(other)
+    batch()
+    assert work[0, :, :4, :4].eq(2).all() and work.sum() == 2 * 2 * 16
+    wrong = RestoreBatch([(work, first, corners, count, 2, 2)], use_triton=use_triton)
+    with pytest.raises(ValueError, match="another layout"):
+        batch.load_tables(wrong)

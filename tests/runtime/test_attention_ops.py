@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sigec.runtime import ops
-from sigec.runtime.engine import SlotState
 from sigec.runtime.masks import active_tiles
+from sigec.runtime.state import LiveState, SlotCache
 
 
 def _reference(q, k, v, heads):  # [B, N, C] tokens, the textbook way
@@ -54,8 +54,10 @@ def test_sparse_attention_computes_the_active_queries_and_keeps_the_rest():
     q, k, v = (torch.randn(b, c, h, w) for _ in range(3))
     dense = ops.attention_channels(q, k, v, heads=2, scale=None)
     recorded = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
-    state = SlotState()
-    state.add_map("attn", recorded)
+    slot = SlotCache()
+    slot.set_map("attn", recorded)
+    state = LiveState(slot, {"attn": (tuple(recorded.shape), recorded.dtype)}, {}, True)
+    state.load("0", slot)  # the working map := the recorded one
     mask = torch.zeros(1, h, w, dtype=torch.bool)
     mask[0, 2:5, 6:9] = True
     ts = active_tiles(mask, (1, 1), (1, 1), (0, 0), (4, 4))

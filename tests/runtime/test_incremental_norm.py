@@ -51,22 +51,24 @@ def test_sums_track_the_working_map_and_commit_adopts_them():
     config = sigec.SparseConfig(norm_stats="incremental", block_size=SIZES)
     engine = sigec.compile(model, args, config=config)
     engine.record(*args)
-    state = engine.slots["0"]
-    assert state.norm_inputs, "the group norms should be incremental"
+    live, slot = engine.live, engine.slots["0"]
+    assert live.norm_inputs, "the group norms should be incremental"
     xe = apply_edit(args[0], edit_masks(16, 16)["blob"])
     engine.edit(xe, args[1])
-    for name, src in state.norm_inputs.items():
-        if not state.has_map(src):
+    for name, src in live.norm_inputs.items():
+        if not live.has_map(src):
             continue
-        s1, s2 = state.pending_norm_sums[name]
-        xg = state.work(src).double().reshape(1, 2, -1)
+        s1, s2 = live.pending_norm_sums[name]
+        xg = live.work(src).double().reshape(1, 2, -1)
         torch.testing.assert_close(s1, xg.sum(-1))
         torch.testing.assert_close(s2, (xg * xg).sum(-1))
     engine.commit()
-    for name, src in state.norm_inputs.items():
-        if state.has_map(src):
-            xg = state.cache(src).double().reshape(1, 2, -1)
-            torch.testing.assert_close(state.norm_sums(name)[0], xg.sum(-1))
+    for name, src in live.norm_inputs.items():
+        if live.has_map(src):
+            xg = slot.cache(src).double().reshape(1, 2, -1)
+            for holder in (slot, live):  # the slot's sums and the working set's copy
+                torch.testing.assert_close(holder.norm_sums(name)[0], xg.sum(-1))
+            torch.testing.assert_close(live.cache(src), slot.cache(src))
 
 
 @pytest.mark.parametrize("name", ["ddpm-tiny", "sd15-unet-tiny", "sd-vae-decoder-tiny"])

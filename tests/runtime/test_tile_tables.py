@@ -1,5 +1,6 @@
-"""Tile lists of the CUDA-graph path: the count graph's full-grid lists, sliced to a capacity,
-equal lists computed at that capacity; the edit graph then does no tile-list work."""
+"""Tile lists of the static (CUDA-graph) path: the count graph's full-grid lists, sliced to a
+size class's capacities, equal lists computed at that capacity; the class graphs then do no
+tile-list work."""
 
 import collections
 
@@ -9,7 +10,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sigec
 from sigec.models.configs import MODELS, build
-from sigec.runtime.graphs import bucket
 from sigec.runtime.masks import blob_mask
 from sigec.runtime.tiles import (
     TileTable,
@@ -24,7 +24,9 @@ from sigec.runtime.tiles import (
 def _program(name):
     model, args, kwargs = build(name, seed=0)
     config = sigec.SparseConfig(**MODELS[name].sige_config, cuda_graphs=True)
-    return sigec.compile(model, args, kwargs, config=config), args, kwargs
+    engine = sigec.compile(model, args, kwargs, config=config)
+    engine.record(*args, **kwargs)  # warms up: the size classes
+    return engine, args, kwargs
 
 
 @pytest.mark.parametrize("name", ["sd15-unet-tiny", "gaugan-tiny", "ddpm-tiny"])
@@ -38,11 +40,13 @@ def test_sliced_full_lists_equal_lists_at_the_capacity(name, fraction):
     grids = tile_grids(prog, masks, keys)
     counts = tile_counts(prog, grids, keys).tolist()
     full = full_tile_lists(prog, masks, grids, keys)
-    for slack in (0, 1):  # the bucket itself, and a larger one
-        caps = {}
+    classes = engine.path.classes
+    s = classes.choose(counts)
+    for slack in (0, 1):  # the class that holds the edit, and the next larger one
+        caps = classes.capacities(min(s + slack, len(classes) - 1))
         for k, c in zip(keys, counts, strict=True):
             grid = grid_size(prog.tile_requests[k], masks[prog.tile_requests[k].mask].shape[-2:])
-            caps[k] = min(bucket(int(c), grid) * (2 if slack else 1), grid)
+            assert c <= caps[k] <= grid, k
         want = TileTable(prog, masks, capacities=caps, grids=grids)
         got = TileTable(prog, masks, capacities=caps, grids=grids, full=full)
         for k in keys:
@@ -58,10 +62,9 @@ def test_sliced_full_lists_equal_lists_at_the_capacity(name, fraction):
 def test_the_edit_graph_runs_no_tile_list_work():
     engine, args, kwargs = _program("sd15-unet-tiny")
     x = args[0]
-    engine.record(*args, **kwargs)
     mask = blob_mask(*x.shape[-2:], 0.05, seed=0, num_blobs=1)
     engine.edit(torch.where(mask, torch.randn_like(x), x), *args[1:], mask=mask, **kwargs)
-    runner = engine.slots["0"].graphs
+    path = engine.path
     ops = collections.Counter()
 
     class Count(TorchDispatchMode):
@@ -70,5 +73,5 @@ def test_the_edit_graph_runs_no_tile_list_work():
             return func(*a, **(kw or {}))
 
     with Count():
-        runner._body(runner.last.capacities, dict(runner.prev))
+        path._body(path.last.size_class)
     assert ops["nonzero_static"] == 0 and ops["floor_divide"] == 0  # all in the count graph

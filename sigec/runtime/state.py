@@ -1,0 +1,136 @@
+"""The buffers of an engine: one ``SlotCache`` per record, one ``LiveState`` the edits run on.
+
+A slot (one per denoising step, or per anything else the caller keeps apart) holds what its
+record left: a cache of every sparse map (``cache__<map>``), the values of cached statics
+(``static__<node>``), folded normalisations (``norm__<node>__scale`` / ``__shift``, or the
+per-group sums of incremental ones) and the recorded inputs (``input__<i>``).
+
+The edit graphs never touch a slot. They run on the engine's one ``LiveState``: a working map
+per sparse map (``work__<map>``: the cache of the active slot with the current edit's tiles
+written in) and live copies of the active slot's small buffers. Its buffers never move, so the
+same CUDA graphs serve every slot; switching to another slot copies that slot's caches in
+(``load``), and an edit of one slot replaces the uncommitted edit of another (there is one
+working set). Memory: one working set per engine, one set of caches per slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sigec.runtime.masks import TileSet
+
+
+class _Buffers(torch.nn.Module):
+    """Buffers by key, with the accessors the edit graph and the record-time prelude read."""
+
+    def set_buffer(self, key: str, value: torch.Tensor) -> None:
+        """Buffer ``key`` := ``value`` (registered if new, copied in place otherwise)."""
+        if key in self._buffers:
+            self._buffers[key].copy_(value)
+        else:
+            self.register_buffer(key, value.detach().clone())
+
+    def static(self, name: str) -> torch.Tensor:
+        return self._buffers[f"static__{name}"]
+
+    def norm(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._buffers[f"norm__{name}__scale"], self._buffers[f"norm__{name}__shift"]
+
+    def norm_sums(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recorded (or committed) per-group sum and sum of squares, fp64 [N, G]."""
+        return self._buffers[f"norm__{name}__s1"], self._buffers[f"norm__{name}__s2"]
+
+    def recorded_input(self, i: int) -> torch.Tensor:
+        return self._buffers[f"input__{i}"]
+
+    def small_keys(self) -> list[str]:
+        """Keys of everything but maps: statics, norms, inputs (copied on a slot switch)."""
+        return [k for k in self._buffers if k.split("__")[0] in ("static", "norm", "input")]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class SlotCache(_Buffers):
+    """One record's values: caches of the sparse maps, statics, norms, inputs (see above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.map_names: list[str] = []  # maps with a cache (not the private ones)
+        self.replaced_by: str | None = None  # its uncommitted edit was replaced by this slot's
+
+    def set_map(self, name: str, value: torch.Tensor) -> None:
+        """Cache of ``name`` := ``value`` (a new buffer, or copied in place)."""
+        key = f"cache__{name}"
+        if key in self._buffers:
+            self._buffers[key].copy_(value)
+            return
+        self.register_buffer(key, value.detach().clone())
+        self.map_names.append(name)
+
+    def cache(self, name: str) -> torch.Tensor:
+        return self._buffers[f"cache__{name}"]
+
+
+class LiveState(_Buffers):
+    """The working set every edit graph reads and writes (see the module docstring).
+
+    ``work(name)`` is the working map of ``name``; ``static`` / ``norm`` / ``norm_sums`` /
+    ``recorded_input`` are copies of the active slot's (``slot``: its key, None after a record
+    replaced its values); ``cache(name)`` is a live copy of the cache for the maps whose
+    statistics an incremental norm updates (the edit reads their old tiles).
+    """
+
+    def __init__(self, first: SlotCache, maps: dict, norm_inputs: dict[str, str],
+                 channels_last: bool):  # fmt: skip
+        super().__init__()
+        self.slot: str | None = None
+        self.cached_maps = list(first.map_names)
+        self.norm_inputs = dict(norm_inputs)  # incremental norm -> its input map
+        self.written: dict[str, TileSet] = {}  # this edit: map -> the tiles its op wrote
+        self.pending_norm_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        device = next(iter(first.buffers())).device
+        for name, (shape, dtype) in maps.items():
+            if name in first.map_names:
+                work = torch.empty_like(first.cache(name))  # the cache's memory format
+            else:  # a private map: written before it is read, in every edit
+                fmt = torch.channels_last if channels_last and len(shape) == 4 else None
+                work = torch.zeros(shape, dtype=dtype, device=device)
+                work = work.contiguous(memory_format=fmt) if fmt else work
+            self.register_buffer(f"work__{name}", work)
+        for key in first.small_keys():
+            self.register_buffer(key, first._buffers[key].clone())
+        self.sources = sorted({m for m in self.norm_inputs.values() if m in first.map_names})
+        for name in self.sources:
+            self.register_buffer(f"livecache__{name}", first.cache(name).clone())
+
+    def work(self, name: str) -> torch.Tensor:
+        return self._buffers[f"work__{name}"]
+
+    def cache(self, name: str) -> torch.Tensor:
+        return self._buffers[f"livecache__{name}"]
+
+    def has_map(self, name: str) -> bool:
+        return f"work__{name}" in self._buffers
+
+    def norm_input(self, name: str) -> str:
+        return self.norm_inputs[name]
+
+    def note_written(self, name: str, tiles: TileSet) -> None:
+        self.written[name] = tiles
+
+    def load(self, key: str, slot: SlotCache) -> None:
+        """Make this the working set of ``slot``: every working map := its cache, every small
+        buffer := the slot's (a full copy, a few multi-tensor launches)."""
+        dst = [self.work(n) for n in self.cached_maps] + [self.cache(n) for n in self.sources]
+        src = [slot.cache(n) for n in self.cached_maps] + [slot.cache(n) for n in self.sources]
+        keys = self.small_keys()
+        dst += [self._buffers[k] for k in keys]
+        src += [slot._buffers[k] for k in keys]
+        if dst:
+            torch._foreach_copy_(dst, src)
+        self.slot = key
+
+    def work_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for k, b in self._buffers.items()
+                   if k.startswith(("work__", "livecache__")))  # fmt: skip
