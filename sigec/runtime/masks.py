@@ -73,7 +73,9 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
         return mask.bool()
     squeeze = mask.dim() == 2
     m = _as_batched(mask).float()[:, None]
-    out = F.max_pool2d(m, kernel_size=2 * radius + 1, stride=1, padding=radius)[:, 0] > 0
+    k = 2 * radius + 1  # a square is separable: rows, then columns (same result, k times cheaper)
+    m = F.max_pool2d(m, kernel_size=(1, k), stride=1, padding=(0, radius))
+    out = F.max_pool2d(m, kernel_size=(k, 1), stride=1, padding=(radius, 0))[:, 0] > 0
     return out[0] if squeeze else out
 
 

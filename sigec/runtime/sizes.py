@@ -8,7 +8,8 @@ cheapest class whose capacities hold all its counts (chosen on the device, read 
 one host sync).
 
 The classes are calibrated once per engine from the model's own tile geometry. Seeded masks of
-the shapes users make (blobs of one to three parts, brush strokes, several strokes, boxes and
+the shapes users make (blobs of one to three parts as ``masks.blob_mask`` draws them, brush
+strokes, several strokes, boxes and
 border strips; with and without the engine's mask dilation; from one pixel to 40 % of the image)
 are reduced to tile counts, and each count vector gets a modelled time (``cost.modelled_seconds``:
 a floor per op plus its MACs). Then:
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sigec.runtime.cost import macs_per_tile, modelled_seconds
-from sigec.runtime.masks import blob_mask, dilate, mask_pyramid, stroke_mask
+from sigec.runtime.masks import dilate, mask_pyramid, stroke_mask
 from sigec.runtime.program import Program
 from sigec.runtime.tiles import grid_size
 
@@ -111,9 +112,31 @@ def sample_counts(program: Program, masks: torch.Tensor, keys, threshold: float,
     return torch.stack(out, dim=1)
 
 
+def _blobs(h: int, w: int, f: float, parts: int, seed: int) -> torch.Tensor:
+    """``parts`` elliptical blobs of about ``f`` of the image together (the shapes of
+    ``masks.blob_mask``, sized by their ellipse area instead of a search: calibration needs
+    shapes, not exact areas)."""
+    rng = np.random.default_rng(seed)
+    share = rng.dirichlet(np.full(parts, 4.0))
+    aspect = rng.uniform(0.6, 1.6, size=parts)
+    cy, cx = rng.uniform(0.15, 0.85, size=parts) * h, rng.uniform(0.15, 0.85, size=parts) * w
+    out = np.zeros((h, w), dtype=bool)
+    for i in range(parts):
+        r = np.sqrt(share[i] * f * h * w / np.pi)
+        ry, rx = max(r * np.sqrt(aspect[i]), 0.5), max(r / np.sqrt(aspect[i]), 0.5)
+        y0, y1 = max(int(cy[i] - ry) - 1, 0), min(int(cy[i] + ry) + 2, h)  # its bounding box
+        x0, x1 = max(int(cx[i] - rx) - 1, 0), min(int(cx[i] + rx) + 2, w)
+        yy = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5
+        xx = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5
+        out[y0:y1, x0:x1] |= ((yy - cy[i]) / ry) ** 2 + ((xx - cx[i]) / rx) ** 2 <= 1.0
+    if not out.any():
+        out[int(cy[0]) % h, int(cx[0]) % w] = True
+    return torch.from_numpy(out)
+
+
 def _shape(h: int, w: int, kind: str, arg: int, f: float, seed: int) -> torch.Tensor:
     if kind == "blob":
-        return blob_mask(h, w, f, seed=seed, num_blobs=arg)
+        return _blobs(h, w, f, arg, seed)
     if kind == "stroke":
         return stroke_mask(h, w, f, seed=seed)
     if kind == "strokes":
@@ -144,16 +167,17 @@ def _shape(h: int, w: int, kind: str, arg: int, f: float, seed: int) -> torch.Te
 
 
 @functools.lru_cache(maxsize=8)
-def _calibration_masks(h: int, w: int, dilation: int) -> torch.Tensor:
-    """bool ``[B, H, W]`` (CPU): the calibration shapes at every area, undilated and dilated."""
-    masks = []
-    for i, f in enumerate(_FRACTIONS):
-        for j, (kind, arg) in enumerate(_SHAPES):
-            m = _shape(h, w, kind, arg, f, seed=7919 * i + 31 * j)
-            masks.append(m)
-            if dilation:
-                masks.append(dilate(m, dilation))
-    return torch.stack(masks)
+def _calibration_shapes(h: int, w: int) -> torch.Tensor:
+    """bool ``[B, H, W]`` (CPU): the calibration shapes at every area."""
+    return torch.stack([_shape(h, w, kind, arg, f, seed=7919 * i + 31 * j)
+                        for i, f in enumerate(_FRACTIONS)
+                        for j, (kind, arg) in enumerate(_SHAPES)])  # fmt: skip
+
+
+def _calibration_masks(h: int, w: int, dilation: int, device=None) -> torch.Tensor:
+    """The calibration shapes, undilated and dilated by the engine's mask dilation."""
+    masks = _calibration_shapes(h, w).to(device)
+    return torch.cat([masks, dilate(masks, dilation)]) if dilation else masks
 
 
 def calibrate(program: Program, config, device, classes: int | None = None) -> SizeClasses:
@@ -163,8 +187,8 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
     keys = tuple(sorted(program.tile_requests))
     h, w = program.input_resolution
     grid = np.array([grid_size(program.tile_requests[k], _mask_res(program, k)) for k in keys])
-    masks = _calibration_masks(h, w, config.mask_dilation)
-    counts = sample_counts(program, masks.to(device), keys, config.mask_threshold,
+    masks = _calibration_masks(h, w, config.mask_dilation, device)
+    counts = sample_counts(program, masks, keys, config.mask_threshold,
                            config.mask_level_dilation).cpu().numpy()  # fmt: skip
     counts = np.maximum(1, np.minimum(counts, grid[None, :]))  # a class holds >= 1 row a list
     t = modelled_seconds(program, counts, keys)
@@ -197,10 +221,13 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
     for s in range(len(rows)):
         runs = np.flatnonzero(chosen == s)
         if runs.size:  # the heaviest calibration mask this class runs
-            samples.append(masks[int(runs[np.argmax(t[runs])])])
+            samples.append(masks[int(runs[np.argmax(t[runs])])].cpu())
         else:
-            samples.append(torch.ones(h, w, dtype=torch.bool) if s == len(rows) - 1
-                           else masks[int(np.argmax(np.where(fits[:, s], t, -1)))])  # fmt: skip
+            samples.append(
+                torch.ones(h, w, dtype=torch.bool)
+                if s == len(rows) - 1
+                else masks[int(np.argmax(np.where(fits[:, s], t, -1)))].cpu()
+            )
     per_tile = macs_per_tile(program)
     macs = tuple(int(sum(per_tile[k] * c for k, c in zip(keys, r, strict=True))) for r in rows)
     return SizeClasses(keys, tuple(rows), tuple(float(x) for x in seconds), tuple(samples),
