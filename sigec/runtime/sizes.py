@@ -57,7 +57,8 @@ class SizeClasses:
         keys: the tile lists, in the order of the capacity rows.
         caps: ``caps[s][k]``: capacity of list ``keys[k]`` in class ``s``; the last row is every
             list's whole grid. Classes are ordered by modelled time.
-        seconds: per class, its modelled time (what the cheapest holding class minimises).
+        seconds: per class, its modelled time (what the cheapest holding class minimises; for a
+            model whose every op sits at the time model's floor, its MACs instead).
         samples: per class, a calibration mask (bool ``[H, W]``, CPU) that runs it, what warm-up
             captures and times the class with.
         macs: per class, the MACs its sparse ops execute at its capacities.
@@ -191,7 +192,18 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
     counts = sample_counts(program, masks, keys, config.mask_threshold,
                            config.mask_level_dilation).cpu().numpy()  # fmt: skip
     counts = np.maximum(1, np.minimum(counts, grid[None, :]))  # a class holds >= 1 row a list
-    t = modelled_seconds(program, counts, keys)
+
+    def cost(rows) -> np.ndarray:
+        return modelled_seconds(program, rows, keys)
+
+    t = cost(counts)
+    if t.max() <= t.min() * (1 + 1e-6):  # every op at its floor for every mask (a tiny model)
+        per_tile = np.array([macs_per_tile(program)[k] + 1.0 for k in keys])
+
+        def cost(rows) -> np.ndarray:  # noqa: F811 - placed by MACs instead
+            return np.asarray(rows, dtype=np.float64).reshape(-1, len(keys)) @ per_tile
+
+        t = cost(counts)
     rows = [tuple(int(g) for g in grid)]  # the whole grid: holds every mask
     ladder = min(LADDER, classes - 1)
     lo, hi = float(t.min()), float(t.max())
@@ -200,21 +212,20 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
         row = tuple(int(c) for c in counts[t <= level * (1 + 1e-9)].max(axis=0))
         if row not in rows:
             rows.append(row)
-    cand = counts  # 2. greedy: each class the counts of one calibration mask
-    cand_t = modelled_seconds(program, cand, keys)
-    holds = (counts[:, None, :] <= cand[None, :, :]).all(axis=-1)  # [mask, candidate]
-    best = _best_times(counts, rows, program, keys)
+    cand_t = t  # 2. greedy: each class the counts of one calibration mask
+    holds = (counts[:, None, :] <= counts[None, :, :]).all(axis=-1)  # [mask, candidate]
+    best = _cheapest(counts, rows, cost)
     while len(rows) < classes:
         trial = np.minimum(best[:, None], np.where(holds, cand_t[None, :], np.inf))
         score = (trial / t[:, None]).sum(axis=0)
         j = int(np.argmin(score))
         if score[j] >= (best / t).sum() * (1 - 1e-9):
             break
-        rows.append(tuple(int(c) for c in cand[j]))
+        rows.append(tuple(int(c) for c in counts[j]))
         best = trial[:, j]
-    # by modelled time, ties (every op at its floor) by rows: the whole grid comes last
-    rows = sorted(set(rows), key=lambda r: (modelled_seconds(program, [r], keys)[0], sum(r)))
-    seconds = modelled_seconds(program, rows, keys)
+    # by cost, ties (every op at its floor) by rows: the whole grid comes last
+    rows = sorted(set(rows), key=lambda r: (float(cost([r])[0]), sum(r)))
+    seconds = cost(rows)
     fits = (counts[:, None, :] <= np.array(rows)[None]).all(axis=-1)
     chosen = np.where(fits, seconds[None, :], np.inf).argmin(axis=1)  # each mask's class
     samples = []
@@ -234,12 +245,11 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
                        macs)  # fmt: skip
 
 
-def _best_times(counts, rows, program, keys) -> np.ndarray:
-    """Per calibration mask: modelled time of the cheapest of ``rows`` that holds it."""
+def _cheapest(counts, rows, cost) -> np.ndarray:
+    """Per calibration mask: cost of the cheapest of ``rows`` that holds it."""
     r = np.array(rows)
-    tr = modelled_seconds(program, r, keys)
     fits = (counts[:, None, :] <= r[None]).all(axis=-1)
-    return np.where(fits, tr[None, :], np.inf).min(axis=1)
+    return np.where(fits, cost(r)[None, :], np.inf).min(axis=1)
 
 
 def _mask_res(program: Program, key: str) -> tuple[int, int]:

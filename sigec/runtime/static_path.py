@@ -87,12 +87,12 @@ class StaticPath(EditPath):
             t = time.perf_counter()
             self.count_graph = graphs.capture(self._count_step)
             report["count_graph_s"] = time.perf_counter() - t
-            timed = graphs.cuda and self.config.cost_model
+            timed = self.config.cost_model and self.can_time()
             dense_ms = None
             if timed:
                 t = time.perf_counter()
                 self.dense_graph = graphs.capture(self._dense_step)
-                dense_ms = graphs.time_ms(self.dense_graph)
+                dense_ms = self.time_ms(self.dense_graph)
                 report["dense_graph_s"] = time.perf_counter() - t
             t = time.perf_counter()
             self.choice, self.timings, self.entries, self.tables = [], [], [], []
@@ -110,7 +110,7 @@ class StaticPath(EditPath):
                 entry = graphs.capture(lambda s=s: self._body(s))
                 self.entries.append(entry)
                 if timed:
-                    sparse_ms = graphs.time_ms(entry)
+                    sparse_ms = self.time_ms(entry)
                     self.timings.append({"sparse": round(sparse_ms, 4),
                                          "dense": round(dense_ms, 4)})  # fmt: skip
                     self.choice.append(cost.choose(sparse_ms, dense_ms))
@@ -132,6 +132,14 @@ class StaticPath(EditPath):
                       timings_ms=list(self.timings))  # fmt: skip
         self.warmup_report = report
         return report
+
+    def can_time(self) -> bool:
+        """Whether the cost model can measure here (CUDA events: on CUDA only)."""
+        return self.graphs.cuda
+
+    def time_ms(self, captured) -> float:
+        """Measured time of one graph (the cost model's input)."""
+        return self.graphs.time_ms(captured)
 
     def graph_count(self) -> int:
         """Graphs this engine holds: count graph, captured class graphs, dense graph."""
