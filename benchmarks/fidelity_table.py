@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import sigec
-from benchmarks.edit_latency import DTYPES, psnr
-from sigec.models.configs import MODELS, build_on
-from sigec.runtime.masks import blob_mask
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sigec  # noqa: E402
+from benchmarks.edit_latency import DTYPES, psnr  # noqa: E402
+from sigec.models.configs import MODELS, build_on  # noqa: E402
+from sigec.runtime.masks import blob_mask  # noqa: E402
 
 FRACTIONS = (0.012, 0.017, 0.05, 0.15, 0.30, 1.0)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.suite import gpu_ms
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.suite import gpu_ms  # noqa: E402
 
 
 @triton.jit

@@ -34,10 +34,13 @@ from pathlib import Path
 
 import torch
 
-import sigec
-from benchmarks.edit_latency import psnr, time_ms
-from sigec.models.configs import MODELS, build_on
-from sigec.runtime.masks import edit_sequence
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sigec  # noqa: E402
+from benchmarks.edit_latency import psnr, time_ms  # noqa: E402
+from sigec.models.configs import MODELS, build_on  # noqa: E402
+from sigec.runtime.masks import edit_sequence  # noqa: E402
 
 STANDARD = ("ddpm-church-256", "sd15-unet-512", "sd15-unet-512x1024", "gaugan-cityscapes")
 

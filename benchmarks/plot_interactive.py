@@ -35,8 +35,12 @@ def main() -> None:
         for committed, colour in ((True, "tab:blue"), (False, "tab:orange")):
             pts = [(row["index"], row["edit_ms"]) for row in rows if row["commit"] == committed]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), s=10, color=colour,
-                           label="sigec edit, " + ("committed" if committed else "discarded"))
+                ax.scatter(
+                    *zip(*pts, strict=True),
+                    s=10,
+                    color=colour,
+                    label="sigec edit, " + ("committed" if committed else "discarded"),
+                )
         s = r["session"]
         ax.set_title(f"{r['model']}\np50 {s['edit_ms']['p50']:.2f} ms, "
                      f"{s.get('speedup_p50', 0):.2f}x vs compiled", fontsize=9)  # fmt: skip

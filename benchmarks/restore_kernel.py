@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.edit_latency import time_ms
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.edit_latency import time_ms  # noqa: E402
 
 restore_mod = importlib.import_module("sigec.kernels.restore")  # the package exports an op
 

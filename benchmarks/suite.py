@@ -27,16 +27,20 @@ import ast
 import collections
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import sigec
-from benchmarks.edit_latency import psnr, time_ms
-from sigec.models.configs import MODELS, build_on
-from sigec.runtime.masks import blob_mask
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sigec  # noqa: E402
+from benchmarks.edit_latency import psnr, time_ms  # noqa: E402
+from sigec.models.configs import MODELS, build_on  # noqa: E402
+from sigec.runtime.masks import blob_mask  # noqa: E402
 
 STANDARD = ("ddpm-church-256", "sd15-unet-512", "sd15-unet-512x1024", "gaugan-cityscapes")
 FRACTIONS = (0.012, 0.05, 0.15, 0.30, 1.0)

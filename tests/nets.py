@@ -104,3 +104,30 @@ class TokenNet(nn.Module):
         t = self.ff_out(u * nn.functional.gelu(gate)) + t
         h = t.reshape(b, hh, ww, c).permute(0, 3, 1, 2).contiguous()
         return self.conv_out(h)
+
+
+class BoolMaskNet(nn.Module):
+    """A comparison inside the map path: ``h * (h > 0)`` and ``(h > t).float()`` give 4-D bool
+    tensors, which tiles cannot hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * (h > 0) + 0.5 * (h > 0.3).float())
+
+
+class FFTNet(nn.Module):
+    """A complex intermediate: a spectral filter (``torch.fft``) between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h + torch.fft.ifft2(torch.fft.fft2(h) * 0.5).real)

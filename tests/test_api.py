@@ -9,7 +9,7 @@ import torch
 import sigec
 from sigec.models.configs import MODELS, TINY_MODELS, build
 from tests.masks_for_tests import apply_edit, edit_masks
-from tests.nets import ConvNet, FlipNet, GroupNormNet, init_bn
+from tests.nets import BoolMaskNet, ConvNet, FFTNet, FlipNet, GroupNormNet, init_bn
 
 EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
 
@@ -81,7 +81,9 @@ TRUNCATED_MODELS = ["convnet", "groupnorm-net", "ddpm-tiny", "gaugan-tiny", "sd1
 def truncated_engine(request):
     model, args, kwargs = _tiny(request.param)
     cfg = MODELS[request.param].sige_config if request.param in MODELS else {}
-    engine = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**cfg))
+    # cost_model off: these tests check what sparse edits do (on tiny models a large edit
+    # executes more MACs than the dense model, which the cost model would run instead)
+    engine = sigec.compile(model, args, kwargs, config=sigec.SparseConfig(**cfg, cost_model=False))
     y0 = _sample(engine.record(*args, **kwargs))
     return model, args, kwargs, engine, y0
 
@@ -586,3 +588,51 @@ def test_auto_conv_kernel_follows_the_measured_rule():
     assert not _use_fused("auto", None, None, "identity", long)  # long reduction: cuDNN
     assert _use_fused("fused", scale, scale, "silu", long)
     assert not _use_fused("cudnn", None, None, "identity", short)
+
+
+def test_a_nan_painted_in_is_edited_and_a_recorded_nan_repaired():
+    """NaN differences count as edits (both ways): the result follows the dense model."""
+    model, args, kwargs = _tiny("convnet")
+    engine = sigec.compile(model, args, config=EXACT)
+    engine.record(*args)
+    x = args[0].clone()
+    x[0, 1, 7, 9] = float("nan")
+    got = engine.edit(x)
+    want = _dense(model, (x,), {})
+    assert want.isnan().any() and not want.isnan().all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    engine.commit()  # a record with a NaN in it ...
+    x2 = x.clone()
+    x2[0, 1, 7, 9] = 0.25  # ... that the next edit repairs
+    got = engine.edit(x2)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, _dense(model, (x2,), {}), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("net", [BoolMaskNet, FFTNet], ids=["bool", "complex"])
+@pytest.mark.parametrize("policy", ["exact", "truncated"])
+def test_maps_of_a_dtype_tiles_cannot_hold_run_dense(net, policy):
+    """Bool and complex 4-D intermediates used to compile, record, then crash inside gather at
+    edit time; they run dense, say why, and the exact policy still equals the dense model."""
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(1, 3, 16, 16)
+    config = sigec.SparseConfig(mask_policy=policy, block_size={"3x3": 4, "1x1": 4,
+                                                                "pointwise": 4})  # fmt: skip
+    engine = sigec.compile(model, (x,), config=config)
+    engine.record(x)
+    xe = apply_edit(x, edit_masks(16, 16)["blob"], seed=1)
+    got = engine.edit(xe)
+    reasons = " ".join(f["reason"] for f in engine.stats()["dense_fallbacks"])
+    assert ("torch.bool" if net is BoolMaskNet else "torch.complex64") in reasons
+    assert "tiles hold floating maps" in reasons
+    if policy == "exact":
+        torch.testing.assert_close(got, _dense(model, (xe,), {}), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_without_data_is_a_typed_error():
+    model, args, _ = _tiny("convnet")
+    engine = sigec.compile(model, args, config=EXACT)
+    engine.record(*args)
+    with pytest.raises(sigec.MaskError, match="meta tensor has no values"):
+        engine.edit(args[0], mask=torch.zeros(20, 22, dtype=torch.bool, device="meta"))
+    assert sigec.CheckpointError.__name__ in sigec.__all__

@@ -2,9 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import sigec
-from sigec.cli import main
+from sigec.cli import edit_input, is_label_map, main
+from sigec.models.configs import MODELS
 
 
 def test_console_script_version_and_help():
@@ -25,11 +30,57 @@ def test_mask_command_reports_area_and_tiles(capsys):
 def test_demo_command_compiles_edits_and_reports(capsys):
     assert main(["demo", "--model", "convnet-missing"]) == 2
     assert "unknown model" in capsys.readouterr().out
-    assert main(["demo", "--model", "gaugan-tiny", "--fraction", "0.1"]) == 0
+    assert main(["demo", "--model", "ddpm-tiny", "--fraction", "0.05"]) == 0
     out = capsys.readouterr().out
-    assert "gaugan-tiny: compiled" in out and "x fewer" in out and "PSNR" in out
+    assert "ddpm-tiny: compiled" in out and "x fewer" in out and "PSNR" in out
+    assert main(["demo", "--model", "gaugan-tiny", "--fraction", "0.05"]) == 0
+    assert "a label change" in capsys.readouterr().out  # a label map: a label edit, not noise
+    assert main(["demo", "--model", "ddpm-tiny", "--fraction", "0"]) == 0
+    assert "edit 0.000 G (nothing recomputed)" in capsys.readouterr().out
     assert main(["demo", "--model", "gaugan-tiny", "--policy", "exact"]) == 0
     out = capsys.readouterr().out
     # the exact policy matches the dense model: the error is float rounding only
     err = float(out.split("max error ")[1].split(",")[0])
     assert err < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--fraction", "1.5"], "--fraction: expected a share of the image from 0 to 1"),
+        (["demo", "--fraction", "-0.1"], "--fraction: expected a share of the image from 0 to 1"),
+        (["mask", "--size", "0", "0"], "--size: expected a positive integer, got 0"),
+        (["mask", "--tile", "0"], "--tile: expected a positive integer, got 0"),
+    ],
+)
+def test_bad_arguments_are_refused_with_what_to_do(argv, words, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_demo_help_lists_the_models(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in MODELS)
+
+
+def test_label_maps_get_label_edits():
+    x = torch.zeros(1, 3, 8, 8)
+    x[:, 0] = 1
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:4, 2:5] = True
+    y = edit_input(x, mask, seed=0)
+    assert is_label_map(y) and not torch.equal(y[:, :, mask], x[:, :, mask])
+    assert torch.equal(y[:, :, ~mask], x[:, :, ~mask])
+
+
+def test_benchmark_scripts_run_as_files_from_anywhere(tmp_path):
+    """docs/ says ``python benchmarks/fidelity_table.py``: it must run as a file, not only with
+    the repository root on the path."""
+    root = Path(__file__).resolve().parents[1]
+    for script in ("fidelity_table.py", "interactive.py"):
+        out = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
+                             capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-500:]

@@ -99,8 +99,14 @@ def _val(node):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+# dtypes the tile kernels hold maps in (float64 runs on the CPU reference only)
+MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _is_map(val) -> bool:
-    return isinstance(val, torch.Tensor) and val.dim() == 4
+    """A 4-D tensor of a floating dtype the tile kernels take; a bool mask (``h > 0``), an
+    integer or a complex (``torch.fft``) 4-D tensor is not a map and runs dense."""
+    return isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype in MAP_DTYPES
 
 
 def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -347,6 +353,8 @@ def _operands_fit_tiles(node: torch.fx.Node, res) -> str:
         if info(a).spatial:
             if tuple(v.shape[-2:]) != res:
                 return f"operand {a.name} is at another resolution {tuple(v.shape[-2:])}"
+        elif v.dim() == 4 and v.dtype not in MAP_DTYPES and tuple(v.shape[-2:]) == res:
+            return f"operand {a.name} is a {v.dtype} map (tiles hold floating maps)"
         elif (v.dim() >= 2 and tuple(v.shape[-2:]) != (1, 1)) or (v.dim() < 2 and v.numel() > 1):
             return f"operand {a.name} of shape {tuple(v.shape)} does not broadcast per pixel"
     return ""
@@ -444,6 +452,12 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
 
 
 def _non_map_reason(node: torch.fx.Node) -> str:
+    val = _val(node)
+    if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype not in MAP_DTYPES:
+        return (
+            f"{node.target} gives a 4-D {val.dtype} tensor: tiles hold floating maps "
+            f"({', '.join(str(d).removeprefix('torch.') for d in MAP_DTYPES)}): runs dense"
+        )
     if node.target in ATTENTION_OPS or node.target in MATMUL_OPS:
         return (
             "attention / matmul over tokens outside a recognised attention core (with a mask, "

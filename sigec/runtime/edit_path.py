@@ -6,7 +6,8 @@ graph on the engine's ``LiveState`` (``sigec.runtime.state``) and keep the last 
 ``EditRecord``:
 
 - ``EagerPath`` (``SparseConfig(cuda_graphs=False)``, and the exact policy): tile lists of
-  exactly the active tiles (one host sync per list), the edit graph run op by op.
+  exactly the active tiles (one host sync per list), the edit graph run op by op; with
+  ``cost_model`` the dense model runs where the tiles would execute at least its MACs.
 - ``StaticPath`` (``cuda_graphs=True``, ``sigec.runtime.static_path``): a bounded set of static
   edit shapes (``sigec.runtime.sizes``), captured as CUDA graphs during warm-up.
 
@@ -25,6 +26,7 @@ import torch
 
 from sigec.errors import EditReplacedError
 from sigec.kernels.restore import RestoreBatch
+from sigec.runtime import cost
 from sigec.runtime.inputs import raise_if_stale
 from sigec.runtime.program import Program
 from sigec.runtime.state import LiveState, SlotCache
@@ -44,6 +46,8 @@ class EditRecord:
     norm_sums: dict = field(default_factory=dict)
     size_class: int | None = None
     committed: bool = False
+    empty: bool = False  # an empty mask: the record's outputs, nothing computed
+    outs: list = field(default_factory=list)  # what it returned (a commit records them)
 
     @property
     def pending(self) -> bool:
@@ -54,8 +58,9 @@ class EditRecord:
 class EditPath:
     """Shared part of both edit paths (see the module docstring)."""
 
-    def __init__(self, program: Program, config, edit_gm, live: LiveState):
+    def __init__(self, program: Program, config, edit_gm, live: LiveState, dense_fn):
         self.program, self.config, self.edit_gm, self.live = program, config, edit_gm, live
+        self.dense_fn = dense_fn  # () -> the dense model as a callable of the flat inputs
         self.last: EditRecord | None = None
         self.warmup_report: dict | None = None
         # maps with a cache whose op writes through a tile list: what undo and commit copy
@@ -100,6 +105,7 @@ class EditPath:
                 if kind == "spatial":
                     slot.recorded_input(i).copy_(last.flat[i])
                     self.live.recorded_input(i).copy_(last.flat[i])
+            slot.set_outputs(last.outs)  # what an empty edit of the new original returns
         last.committed = True
         slot.replaced_by = None
 
@@ -160,6 +166,11 @@ class EditPath:
     def _switched(self, key: str, slot: SlotCache) -> None:
         """Hook: the working set was just loaded from ``slot`` (it equals its caches)."""
 
+    def recorded_outputs(self, slot: SlotCache) -> list:
+        """The flat outputs of the slot's record: what an edit with an empty mask returns."""
+        return [slot.recorded_output(i) if isinstance(v, int) else v
+                for i, v in enumerate(slot.output_kinds)]  # fmt: skip
+
     def inputs_of(self, slot: SlotCache) -> list:
         """The flat inputs of the slot's record (constants from the compiled example)."""
         return [slot.recorded_input(i) if kind != "const" else self.program.example_meta[i]
@@ -193,9 +204,26 @@ class EagerPath(EditPath):
         masks = edit_masks(self.program, mask, self.config.mask_threshold,
                            self.config.mask_level_dilation)  # fmt: skip
         tiles = TileTable(self.program, masks, pad_to_grid=self.config.tile_lists == "grid")
-        outs = list(self.edit_gm(live, tiles, *flat))
-        self.last = EditRecord(key, slot, flat, mask, tiles, norm_sums=dict(live.pending_norm_sums))
-        return outs
+        record = EditRecord(key, slot, flat, mask, tiles)
+        self.last = record
+        if not bool(mask.any()):  # nothing edited: the record's outputs, bit for bit
+            record.empty = True
+            record.outs = self.recorded_outputs(slot)
+        elif self.config.cost_model and self._dense_is_cheaper(tiles):
+            record.ran_dense = True
+            record.outs = list(self.dense_fn()(*flat))
+        else:
+            record.outs = list(self.edit_gm(live, tiles, *flat))
+            record.norm_sums = dict(live.pending_norm_sums)
+        return record.outs
+
+    def _dense_is_cheaper(self, tiles: TileTable) -> bool:
+        """The cost model of this path: the dense model runs where the edit's active tiles
+        execute at least its MACs (nothing is timed on this path; every tile list is built to
+        count them)."""
+        rows = {k: _active(tiles[k]) for k in self.program.tile_requests}
+        spent = cost.executed(self.program, rows)
+        return spent.sparse >= spent.dense
 
     def _undo(self) -> None:
         """The working maps := the caches again where the last (uncommitted) edit wrote."""
@@ -203,3 +231,8 @@ class EagerPath(EditPath):
         if last is not None and last.pending and last.key == self.live.slot:
             RestoreBatch(self._tile_items(last.tiles, False, last.slot))()
             self.last = None  # nothing of it is left to commit
+
+
+def _active(ts) -> int:
+    """Active tiles of a list (its rows, or its device-side count where it is padded)."""
+    return int(ts.num_active.item()) if ts.num_active is not None else ts.capacity

@@ -83,7 +83,8 @@ class SparseEngine(torch.nn.Module):
         if self.config.cuda_graphs:
             return StaticPath(self.program, self.config, self.edit_gm, self.live,
                               self.dense_callable)  # fmt: skip
-        return EagerPath(self.program, self.config, self.edit_gm, self.live)
+        return EagerPath(self.program, self.config, self.edit_gm, self.live,
+                         lambda: self.record_gm)  # fmt: skip
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class SparseEngine(torch.nn.Module):
         if prog.prelude_gm is not None:  # edit-invariant arithmetic, once per record
             for name, value in zip(prog.hoisted, prog.prelude_gm(state), strict=True):
                 state.set_buffer(f"static__{name}", value)
+        state.set_outputs(list(outs))
         return list(outs)
 
     @torch.no_grad()
@@ -259,6 +261,11 @@ class SparseEngine(torch.nn.Module):
             )
         if mask.dtype != torch.bool:
             raise MaskError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+        if mask.device.type == "meta":
+            raise MaskError(
+                "mask: a meta tensor has no values; pass a bool tensor with data (on any device: "
+                "it is copied to the engine's)"
+            )
         dev = self.program.example_meta[self.program.input_kinds.index("spatial")][2]
         m = mask.to(dev)
         return (m[None] if m.dim() == 2 else m).any(0, keepdim=True)
@@ -303,7 +310,8 @@ class SparseEngine(torch.nn.Module):
         Returns:
             dict with "dense_macs" (the dense model), "sparse_macs" (executed by the last edit:
             sparse convs on their computed tile rows, dense convs / linears / attention in full,
-            cached values 0; None before the first edit), "macs_ratio" (dense / sparse),
+            cached values 0; 0 for an empty edit, which returns the record; None before the first
+            edit), "macs_ratio" (dense / sparse; None without MACs),
             "active_fraction" ({"HxW": share of output pixels the sparse convs at that
             resolution computed}), "macs_by_resolution" ({"HxW" or "tokens": {"dense",
             "sparse"}}), "macs_by_op" (the same per op kind: "conv", "linear", "attention"),
@@ -322,15 +330,18 @@ class SparseEngine(torch.nn.Module):
             counts = {k: _count(ts) for k, ts in used.items()}
             rows = {k: ts.capacity for k, ts in used.items()}  # padding rows compute too
         spent = cost.executed(prog, rows)
-        sparse = None if last is None else (spent.dense if last.ran_dense else spent.sparse)
+        sparse = None
+        if last is not None:
+            sparse = 0 if last.empty else spent.dense if last.ran_dense else spent.sparse
         graphs = getattr(self.path, "graphs", None)
         return {
             "ran_dense": last is not None and last.ran_dense,
+            "empty": last is not None and last.empty,
             "size_class": last.size_class if last is not None else None,
             "dense_macs": spent.dense,
             "sparse_macs": sparse,
             "macs_ratio": (spent.dense / sparse) if sparse else None,
-            "active_fraction": spent.active_fraction if last is not None else {},
+            "active_fraction": spent.active_fraction if last is not None and not last.empty else {},
             "macs_by_resolution": spent.by_resolution,
             "macs_by_op": spent.by_op,
             "cache_bytes": state.nbytes() if state is not None else 0,

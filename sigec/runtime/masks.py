@@ -42,7 +42,8 @@ def _as_batched(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
 
 
 def difference_mask(original: torch.Tensor, edited: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Pixels where any channel changed by more than ``eps``.
+    """Pixels where any channel changed by more than ``eps`` (a NaN that appears or goes away
+    is a change; one that stays is not).
 
     Args:
         original: ``[B, C, H, W]`` or ``[C, H, W]``.
@@ -61,8 +62,11 @@ def difference_mask(original: torch.Tensor, edited: torch.Tensor, eps: float = 0
         raise ValueError(
             f"original: expected [B, C, H, W] or [C, H, W], got {tuple(original.shape)}"
         )
-    diff = (edited.float() - original.float()).abs() > eps
-    return diff.any(dim=-3)
+    a, b = original.float(), edited.float()
+    # NaN differences count as changes (a NaN appearing, or a NaN replaced by a number), except
+    # a NaN or infinity that stays what it was
+    same = (a == b) | ((b - a).abs() <= eps) | (a.isnan() & b.isnan())
+    return (~same).any(dim=-3)
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A slot (one per denoising step, or per anything else the caller keeps apart) holds what its
 record left: a cache of every sparse map (``cache__<map>``), the values of cached statics
 (``static__<node>``), folded normalisations (``norm__<node>__scale`` / ``__shift``, or the
-per-group sums of incremental ones) and the recorded inputs (``input__<i>``).
+per-group sums of incremental ones), the recorded inputs (``input__<i>``) and outputs
+(``output__<i>``).
 
 The edit graphs never touch a slot. They run on the engine's one ``LiveState``: a working map
 per sparse map (``work__<map>``: the cache of the active slot with the current edit's tiles
@@ -58,6 +59,20 @@ class SlotCache(_Buffers):
         super().__init__()
         self.map_names: list[str] = []  # maps with a cache (not the private ones)
         self.replaced_by: str | None = None  # its uncommitted edit was replaced by this slot's
+        self.output_kinds: list = []  # per flat output: its index (a tensor) or its value
+
+    def set_outputs(self, outs: list) -> None:
+        """Keep the record's outputs (``output__<i>``): an edit with an empty mask returns them."""
+        self.output_kinds = []
+        for i, o in enumerate(outs):
+            if isinstance(o, torch.Tensor):
+                self.set_buffer(f"output__{i}", o)
+                self.output_kinds.append(i)
+            else:
+                self.output_kinds.append(o)
+
+    def recorded_output(self, i: int) -> torch.Tensor:
+        return self._buffers[f"output__{i}"]
 
     def set_map(self, name: str, value: torch.Tensor) -> None:
         """Cache of ``name`` := ``value`` (a new buffer, or copied in place)."""

@@ -54,8 +54,7 @@ class StaticPath(EditPath):
     it (compiled on first call)."""
 
     def __init__(self, program, config, edit_gm, live, dense_fn):
-        super().__init__(program, config, edit_gm, live)
-        self.dense_fn = dense_fn
+        super().__init__(program, config, edit_gm, live, dense_fn)
         self.keys = tuple(sorted(program.tile_requests))
         self.stale_inputs = [i for i, k in enumerate(program.input_kinds) if k == "tensor"]
         self.stale_names = [program.input_names[i] for i in self.stale_inputs]
@@ -116,9 +115,11 @@ class StaticPath(EditPath):
                     self.choice.append(cost.choose(sparse_ms, dense_ms))
                     if self.choice[-1] == "dense":
                         self.entries[-1] = None  # only the dense graph runs for this class
-                else:
+                else:  # nothing to time here: dense where the class computes >= its MACs
                     self.timings.append({})
-                    self.choice.append("sparse")
+                    spent = cost.executed(self.program, self.classes.capacities(s))
+                    self.choice.append("dense" if self.config.cost_model
+                                       and spent.sparse >= spent.dense else "sparse")  # fmt: skip
             report["classes_s"] = time.perf_counter() - t
             # leave no trace: the record's inputs, an empty mask (its count graph undoes the
             # last warm-up edit), nothing to undo
@@ -160,7 +161,8 @@ class StaticPath(EditPath):
                       for k in self.keys}  # fmt: skip
         self.counts = torch.zeros(len(self.keys), dtype=torch.int32, device=dev)
         self.undo_counts = torch.zeros_like(self.counts)
-        self.head = torch.zeros(1 + len(self.stale_inputs), dtype=torch.int32, device=dev)
+        # the count graph's answer: size class, empty mask, a stale flag per non-image input
+        self.head = torch.zeros(2 + len(self.stale_inputs), dtype=torch.int32, device=dev)
         self.reader = HostReader(self.head)
         self.index = {k: i for i, k in enumerate(self.keys)}
         self.full = {k: (*self.lists[k], self.counts[i : i + 1]) for k, i in self.index.items()}
@@ -197,17 +199,22 @@ class StaticPath(EditPath):
         self._set_inputs(flat, mask)
         self.count_graph()
         head = self.reader(self.head)  # the one host sync
-        if any(head[1:]):
+        if any(head[2:]):
             self._refuse(key, slot)
-            raise_if_stale(self.stale_names, [bool(c) for c in head[1:]])
+            raise_if_stale(self.stale_names, [bool(c) for c in head[2:]])
         s = head[0]
-        if self.choice[s] == "dense":
-            outs, sums, ran_dense = self._dense(), {}, True
+        record = EditRecord(key, slot, flat, mask, self.tables[s], size_class=s)
+        self.last = record
+        if head[1]:  # an empty mask: the record's outputs, nothing computed
+            record.empty = True
+            record.outs = self.recorded_outputs(slot)
+        elif self.choice[s] == "dense":
+            record.ran_dense = True
+            record.outs = list(self._dense())
         else:
             outs, sums = self.entries[s]()
-            ran_dense = False
-        self.last = EditRecord(key, slot, flat, mask, self.tables[s], ran_dense, dict(sums), s)
-        return list(outs)
+            record.outs, record.norm_sums = list(outs), dict(sums)
+        return record.outs
 
     def _set_inputs(self, flat: list, mask: torch.Tensor | None) -> None:
         self._set_mask(mask)
@@ -270,7 +277,8 @@ class StaticPath(EditPath):
             bufs[2 * i].copy_(full[k][0])
             bufs[2 * i + 1].copy_(full[k][1])
         counts_out.copy_(counts)
-        head = [cheapest_fitting(counts, caps, seconds)]
+        head = [cheapest_fitting(counts, caps, seconds), (counts.sum() == 0).to(torch.int32)
+                .reshape(1)]  # fmt: skip
         head += [(g.to(r.dtype) != r).any().to(torch.int32).reshape(1)
                  for g, r in zip(given, recorded, strict=True)]  # fmt: skip
         head_out.copy_(torch.cat(head))

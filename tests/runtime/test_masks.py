@@ -200,3 +200,19 @@ def test_tile_grid_equals_ceil_max_pool():
         m = torch.rand(h, w) > 0.9
         want = F.max_pool2d(m[None, None].float(), 6, 6, ceil_mode=True)[0, 0] > 0
         assert torch.equal(tile_grid(m, 6), want)
+
+
+def test_difference_mask_counts_nan_changes_but_not_nan_that_stays():
+    """|NaN - x| > eps is False: without care, a NaN painted into the image would be left out of
+    the edit (and a NaN in the record never repaired)."""
+    a = torch.zeros(1, 2, 4, 4)
+    a[0, 1, 3, 3] = float("nan")  # a NaN in the record...
+    a[0, 0, 0, 3] = float("inf")
+    b = a.clone()
+    b[0, 0, 1, 1] = float("nan")  # ...a new one in the edit
+    b[0, 1, 3, 3] = 0.5  # the recorded one repaired
+    b[0, 0, 2, 2] = float("nan")
+    a[0, 0, 2, 2] = float("nan")  # one that stays NaN: no change
+    m = difference_mask(a, b)[0]
+    assert m[1, 1] and m[3, 3] and not m[2, 2] and not m[0, 3]  # inf that stays: no change
+    assert m.sum() == 2
