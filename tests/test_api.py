@@ -476,9 +476,9 @@ def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
 
     calls = []
 
-    def triton_on_cpu(*args):
+    def triton_on_cpu(*args, **kwargs):
         calls.append(len(args[1]))
-        conv_module.tile_conv_triton(*args, check_values=False)
+        conv_module.tile_conv_triton(*args, check_values=False, **kwargs)
 
     model, args, kwargs = _tiny(name)
     base = dict(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)

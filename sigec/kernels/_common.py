@@ -147,25 +147,52 @@ def apply_activation(x: torch.Tensor, activation: str, slope: float) -> torch.Te
     raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
+# How reads outside the map are answered (gather and tile conv): zeros (a zero pad, and conv
+# padding), or the pixel a reflection / replicate pad folded into the read would give.
+PAD_MODES = {"zeros": 0, "reflect": 1, "replicate": 2}
+
+
+def check_pad_mode(mode: str) -> int:
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad_mode: expected one of {sorted(PAD_MODES)}, got {mode!r}")
+    return PAD_MODES[mode]
+
+
+def remap_index(i: torch.Tensor, n: int, mode: int) -> torch.Tensor:
+    """Index ``i`` (any int tensor) of a map axis of ``n`` pixels read through a folded pad:
+    reflected (``-1 -> 1``, ``n -> n - 2``) or clamped; clamped into the map after it (reads
+    past a reflection's reach land on the border and only feed pixels no one writes)."""
+    if mode == PAD_MODES["reflect"]:
+        i = i.abs()
+        i = torch.where(i >= n, 2 * (n - 1) - i, i)
+    return i.clamp(0, n - 1)
+
+
 def tile_pixel_index(
-    corners: torch.Tensor, num_active, tile_h: int, tile_w: int, height: int, width: int
-):
+    corners: torch.Tensor, num_active, tile_h: int, tile_w: int, height: int, width: int,
+    pad_mode: int = 0,
+):  # fmt: skip
     """Per tile pixel coordinates and validity, for the reference implementations.
 
     Returns:
-        ys: [M, th, tw] int64 row of each tile pixel, clamped into the map.
-        xs: [M, th, tw] int64 column, clamped.
-        valid: [M, th, tw] bool, True where the pixel lies in the map and the tile is active.
+        ys: [M, th, tw] int64 row of each tile pixel, clamped into the map (or remapped through
+            the folded pad of ``pad_mode``).
+        xs: [M, th, tw] int64 column, likewise.
+        valid: [M, th, tw] bool, True where the pixel is read from the map (in zeros mode: lies
+            in it) and the tile is active.
     """
     dev = corners.device
     oy = corners[:, 0].long()[:, None, None] + torch.arange(tile_h, device=dev)[None, :, None]
     ox = corners[:, 1].long()[:, None, None] + torch.arange(tile_w, device=dev)[None, None, :]
     oy, ox = torch.broadcast_tensors(oy, ox)
-    valid = (oy >= 0) & (oy < height) & (ox >= 0) & (ox < width)
+    if pad_mode:
+        valid = torch.ones_like(oy, dtype=torch.bool)
+    else:
+        valid = (oy >= 0) & (oy < height) & (ox >= 0) & (ox < width)
     if num_active is not None:
         m = torch.arange(corners.shape[0], device=dev)[:, None, None]
         valid = valid & (m < num_active.to(dev).long())
-    return oy.clamp(0, height - 1), ox.clamp(0, width - 1), valid
+    return remap_index(oy, height, pad_mode), remap_index(ox, width, pad_mode), valid
 
 
 def block_sizes(channels: int, pixels: int) -> tuple[int, int, int]:

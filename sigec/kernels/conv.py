@@ -24,6 +24,8 @@ Contract:
                 over the concatenated input channels, in fp32, rounded to the dtype once; pixels
                 outside the input map are zero after it (padding of the normalised map).
     residual:   optional ``[N, Co, Ho, Wo]`` added on the written pixels (may be ``out``).
+    pad_mode:   "zeros" (reads outside the input map are zero), or "reflect" / "replicate" (a
+                reflection / replicate pad folded into the read: the reflected / nearest pixel).
     num_active: optional int32 ``[1]``: tiles ``m >= num_active`` are capacity padding (programs
                 past the real tiles exit at once).
 
@@ -42,11 +44,12 @@ import triton.language as tl
 from sigec.kernels._common import (
     check_activation,
     check_corners,
+    check_pad_mode,
     check_tensor,
     check_tile_size,
     reject_float64,
 )
-from sigec.kernels.gather import _activate, gather_reference
+from sigec.kernels.gather import _activate, _remap, gather_reference
 from sigec.kernels.scatter import scatter_reference
 
 
@@ -60,7 +63,7 @@ def _accumulate_part(
     stride_sn, stride_sc, stride_bn, stride_bc,
     slope,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAD_MODE: tl.constexpr,
 ):  # fmt: skip
     """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -73,7 +76,12 @@ def _accumulate_part(
         kx = tap % KW
         y = iy + ky * DIL_H
         x = ix + kx * DIL_W
-        inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        if PAD_MODE == 0:
+            inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        else:  # a folded reflection / replicate pad: every tap reads a pixel of the map
+            inside = row_ok
+            y = _remap(y, H, PAD_MODE)
+            x = _remap(x, W, PAD_MODE)
         c_ok = c < C
         base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
         a = tl.load(base[:, None] + c[None, :] * stride_xc,
@@ -120,7 +128,7 @@ def _tile_conv_kernel(
     # meta-parameters
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACT: tl.constexpr, IEEE: tl.constexpr,
+    ACT: tl.constexpr, IEEE: tl.constexpr, PAD_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # -- rows are the output pixels (tile m, pixel p) of sample n: real tiles come first
@@ -155,7 +163,7 @@ def _tile_conv_kernel(
         stride_x1n, stride_x1c, stride_x1h, stride_x1w,
         stride_wo, stride_wc, stride_wh, stride_ww,
         stride_sn, stride_sc, stride_bn, stride_bc, slope,
-        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K,
+        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE,
     )  # fmt: skip
     if HAS_X2:
         acc = _accumulate_part(
@@ -164,7 +172,7 @@ def _tile_conv_kernel(
             stride_x2n, stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wc, stride_wh, stride_ww,
             stride_sn, stride_sc, stride_bn, stride_bc, slope,
-            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K,
+            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE,
         )  # fmt: skip
 
     # -- epilogue: bias, residual, write into the map (only pixels inside it)
@@ -200,6 +208,7 @@ def tile_conv_reference(
     slope: float = 0.01,
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
+    pad_mode: str = "zeros",
 ) -> None:
     """gather -> ``F.conv2d`` -> scatter: the definition of correctness and the CPU path."""
     in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
@@ -210,7 +219,7 @@ def tile_conv_reference(
         sc = scale[:, offset : offset + c] if scale is not None else None
         sh = shift[:, offset : offset + c] if shift is not None else None
         batches.append(gather_reference(part, in_corners, in_h, in_w, sc, sh, activation, slope,
-                                        False, num_active))  # fmt: skip
+                                        False, num_active, pad_mode=pad_mode))  # fmt: skip
         offset += c
     batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
     y = F.conv2d(batch, weight, bias, tuple(stride), 0, tuple(dilation))
@@ -233,7 +242,8 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
 def tile_conv_triton(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True, blocks: tuple[int, int, int, int, int] | None = None,
+    check_values=True, pad_mode: str = "zeros",
+    blocks: tuple[int, int, int, int, int] | None = None,
 ) -> None:  # fmt: skip
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
@@ -270,6 +280,7 @@ def tile_conv_triton(
         HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, ACT=act, IEEE=out.dtype == torch.float32,
+        PAD_MODE=check_pad_mode(pad_mode),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -353,6 +364,7 @@ def tile_conv(
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    pad_mode: str = "zeros",
 ) -> None:
     """Conv on the active tiles, written into ``out`` in place (see the module docstring).
 
@@ -367,21 +379,25 @@ def tile_conv(
         residual: optional map added on the written pixels.
         num_active: optional int32 ``[1]``: only the first ``num_active`` tiles are real.
         check_values: range-check the corners (one host sync on CUDA).
+        pad_mode: what reads outside the input map give: "zeros", or the pixel of a folded
+            "reflect" / "replicate" pad.
     """
     args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
             scale, shift, activation, slope, residual, num_active)  # fmt: skip
+    check_pad_mode(pad_mode)
     if out.is_cuda:
-        tile_conv_triton(*args, check_values)
+        tile_conv_triton(*args, check_values, pad_mode)
         return
     _check(*args, check_values)
-    tile_conv_reference(*args)
+    tile_conv_reference(*args, pad_mode=pad_mode)
 
 
 @tile_conv.register_fake
 def _tile_conv_fake(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True,
+    check_values=True, pad_mode="zeros",
 ):  # fmt: skip
     _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
            scale, shift, activation, slope, residual, num_active, check_values)  # fmt: skip
+    check_pad_mode(pad_mode)

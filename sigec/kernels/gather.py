@@ -12,7 +12,9 @@ Contract:
         (``act_first=True``).
         ``scale``/``shift`` are ``[N, C]`` (expanded views with stride 0 are fine).
     Pixels outside the map are zero *after* the prologue: in the model, padding is applied to the
-    normalised and activated map.
+    normalised and activated map. With ``pad_mode`` "reflect" or "replicate" (a reflection or
+    replicate pad folded into the read) they are the reflected / nearest border pixel instead,
+    with the prologue applied to it like to any other.
     num_active (optional int32 ``[1]``): rows ``m >= num_active`` are capacity padding, zero.
 
 Offsets are computed in 64-bit, so maps larger than 2**31 elements are fine. Tested under the Triton
@@ -32,6 +34,7 @@ from sigec.kernels._common import (
     block_sizes,
     check_activation,
     check_corners,
+    check_pad_mode,
     check_tensor,
     check_tile_size,
     compute_dtype,
@@ -58,6 +61,15 @@ def _activate(v, slope, ACT: tl.constexpr):
 
 
 @triton.jit
+def _remap(i, n, PAD_MODE: tl.constexpr):
+    """A map index read through a folded pad (``_common.remap_index``): reflected or clamped."""
+    if PAD_MODE == 1:
+        i = tl.abs(i)
+        i = tl.where(i >= n, 2 * (n - 1) - i, i)
+    return tl.minimum(tl.maximum(i, 0), n - 1)
+
+
+@triton.jit
 def _gather_kernel(
     # pointers
     x_ptr, out_ptr, corners_ptr, count_ptr, scale_ptr, shift_ptr,
@@ -71,7 +83,7 @@ def _gather_kernel(
     slope,
     # meta-parameters
     HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACT: tl.constexpr, ACT_FIRST: tl.constexpr,
+    ACT: tl.constexpr, ACT_FIRST: tl.constexpr, PAD_MODE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # -- which tile, which channels, which pixels of the tile
@@ -90,7 +102,12 @@ def _gather_kernel(
     # -- tile position; pixels outside the map (or of a padding tile) read as zero
     y = tl.load(corners_ptr + 2 * m) + dy
     x = tl.load(corners_ptr + 2 * m + 1) + dx
-    inside = p_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    if PAD_MODE == 0:
+        inside = p_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    else:  # a folded reflection / replicate pad: every pixel reads one of the map
+        inside = p_ok
+        y = _remap(y, H, PAD_MODE)
+        x = _remap(x, W, PAD_MODE)
     if HAS_COUNT:
         inside = inside & (m < tl.load(count_ptr))
 
@@ -140,11 +157,13 @@ def gather_reference(
     act_first: bool = False,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    pad_mode: str = "zeros",
 ) -> torch.Tensor:
     """Plain PyTorch gather: the definition of correctness and the CPU path. Same contract."""
     n, c, h, w = x.shape
     m = corners.shape[0]
-    ys, xs, valid = tile_pixel_index(corners, num_active, tile_h, tile_w, h, w)
+    ys, xs, valid = tile_pixel_index(corners, num_active, tile_h, tile_w, h, w,
+                                     check_pad_mode(pad_mode))  # fmt: skip
     # tiles: [N, C, M, th, tw]
     cd = compute_dtype(x)
     v = x[:, :, ys, xs].to(cd)
@@ -173,6 +192,7 @@ def gather_triton(
     act_first: bool = False,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    pad_mode: str = "zeros",
 ) -> torch.Tensor:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     act = _check(
@@ -200,7 +220,7 @@ def gather_triton(
         float(slope),
         HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, ACT=act, ACT_FIRST=act_first,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        PAD_MODE=check_pad_mode(pad_mode), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -251,6 +271,7 @@ def gather(
     act_first: bool = False,
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
+    pad_mode: str = "zeros",
 ) -> torch.Tensor:
     """Gather active tiles of ``x`` into ``[N*M, C, tile_h, tile_w]`` (see the module docstring).
 
@@ -264,25 +285,26 @@ def gather(
         act_first: apply the activation before the affine instead of after.
         num_active: optional int32 ``[1]``: only the first ``num_active`` tiles are real.
         check_values: range-check the corners (one host sync on CUDA).
+        pad_mode: what reads outside the map give: "zeros", or the pixel of a folded "reflect"
+            / "replicate" pad.
 
     Returns:
         The tile batch, in x's dtype and memory format.
     """
     args = (x, corners, tile_h, tile_w, scale, shift, activation, slope, act_first, num_active)
     if x.is_cuda:
-        return gather_triton(*args, check_values)
+        return gather_triton(*args, check_values, pad_mode)
     _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values)
-    return gather_reference(
-        x, corners, tile_h, tile_w, scale, shift, activation, slope, act_first, num_active
-    )
+    return gather_reference(*args, pad_mode=pad_mode)
 
 
 @gather.register_fake
 def _gather_fake(
     x, corners, tile_h, tile_w, scale=None, shift=None, activation="identity", slope=0.01,
-    act_first=False, num_active=None, check_values=True,
+    act_first=False, num_active=None, check_values=True, pad_mode="zeros",
 ):  # fmt: skip
     _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values)
+    check_pad_mode(pad_mode)
     n, c = x.shape[:2]
     return torch.empty((n * corners.shape[0], c, tile_h, tile_w), device=x.device, dtype=x.dtype,
                        memory_format=_memory_format(x))  # fmt: skip

@@ -21,7 +21,7 @@ aten = torch.ops.aten
 
 # --- op tables: which ATen ops sigec knows how to run on tiles --------------------
 
-CONV_OPS = {aten.conv2d.default, aten.convolution.default}
+CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv_transpose2d.input}
 
 # Activations the gather prologue can fuse: op -> (name, slope argument index or None).
 ACTIVATION_OPS = {
@@ -45,7 +45,7 @@ POINTWISE_OPS = {
 
 UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
 PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
-NORM_OPS = {aten.group_norm.default, aten.batch_norm.default}
+NORM_OPS = {aten.group_norm.default, aten.batch_norm.default, aten.instance_norm.default}
 SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
 ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
 # VIEW_OPS (data movement) live in sigec.passes.layouts, which finds what layout a view's result
@@ -70,8 +70,9 @@ class NodeInfo:
         op: the op class sigec sees: "conv", "pointwise", "cat", "norm", "upsample", "resample",
             "pad", "side_effect", "dense", "input" or "".
         mode: how the edit runs it: "sparse" (on tiles), "fold" (a normalisation folded into
-            scale/shift, or a zero pad folded into the following convs' padding; a pad that
-            cannot be folded runs dense), "dense" (on full maps), "cached", "const", or "".
+            scale/shift, or a zero / reflection / replicate pad folded into the following
+            convs' reads; a pad that cannot be folded runs dense), "dense" (on full maps),
+            "cached", "const", or "".
         reason: why a dependent node runs dense.
         layout: for a token-region tensor (a map in another layout, see ``sigec.passes.layouts``):
             "tokens" ``[B, H*W, C]``, "flat" ``[B, C, H*W]`` or "nhwc"; ``resolution`` is then the
@@ -317,19 +318,58 @@ def conv_params(node: torch.fx.Node):
     return _conv_params(node)
 
 
-def zero_pads(node: torch.fx.Node) -> tuple[int, int, int, int] | None:
-    """``(left, right, top, bottom)`` of a constant-zero, non-negative 2-D pad node, else None."""
-    if node.target not in PAD_OPS:
+def transposed_params(node: torch.fx.Node):
+    """(weight, bias, stride, padding, output_padding, dilation, groups) of a 2-D transposed
+    conv node, or None."""
+    a = list(node.args) + [None] * 9
+    pair = lambda v, d: (
+        (d, d)
+        if v is None
+        # noqa: E731
+        else ((int(v[0]), int(v[-1])) if isinstance(v, list | tuple) else (int(v), int(v)))
+    )
+    if node.target == aten.conv_transpose2d.input:
+        _, w, b, stride, padding, out_pad, groups, dilation = a[:8]
+    elif node.target == aten.convolution.default and a[6]:
+        _, w, b, stride, padding, dilation, _, out_pad, groups = a[:9]
+    else:
         return None
-    pads = list(node.args[1])
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    if node.target == aten.constant_pad_nd.default:
-        mode, value = "constant", node.args[2] if len(node.args) > 2 else 0
-    if mode != "constant" or value not in (None, 0, 0.0) or len(pads) > 4 or min(pads) < 0:
+    if w is None or len(w.meta["val"].shape) != 4:
+        return None
+    return (w, b, pair(stride, 1), pair(padding, 0), pair(out_pad, 0), pair(dilation, 1),
+            int(groups) if groups is not None else 1)  # fmt: skip
+
+
+PAD_MODE_NAMES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate"}
+_PAD_TARGETS = {aten.reflection_pad2d.default: "reflect",
+                aten.replication_pad2d.default: "replicate"}  # fmt: skip
+
+
+def pad_spec(node: torch.fx.Node) -> tuple[str, tuple[int, int, int, int]] | None:
+    """``(mode, (left, right, top, bottom))`` of a non-negative 2-D pad that a conv can read
+    through (mode "zeros" for a constant-zero pad, "reflect", "replicate"), else None."""
+    if node.target in _PAD_TARGETS:
+        mode, pads, value = _PAD_TARGETS[node.target], list(node.args[1]), 0
+    elif node.target in PAD_OPS:
+        pads = list(node.args[1])
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if node.target == aten.constant_pad_nd.default:
+            mode, value = "constant", node.args[2] if len(node.args) > 2 else 0
+        if mode not in PAD_MODE_NAMES or (mode == "constant" and value not in (None, 0, 0.0)):
+            return None
+        mode = PAD_MODE_NAMES[mode]
+    else:
+        return None
+    if len(pads) > 4 or min(pads) < 0:
         return None
     pads = pads + [0] * (4 - len(pads))
-    return tuple(int(p) for p in pads)
+    return mode, tuple(int(p) for p in pads)
+
+
+def instance_stats(node: torch.fx.Node) -> bool:
+    """An instance norm normalising by its input's statistics (not running ones)."""
+    return node.target == aten.instance_norm.default and bool(node.args[5])
 
 
 def upsample_factor(node: torch.fx.Node) -> int | None:
@@ -405,9 +445,9 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
                 mode, reason = "fold", ""
         elif target in CONV_OPS:
             op = "conv"
-            p = _conv_params(node)
+            p = _conv_params(node) or transposed_params(node)
             if p is None:
-                reason = "transposed or string-padded convolution: runs dense"
+                reason = "string-padded or non-2-D convolution: runs dense"
             elif info(p[0]).role in ("dependent", "input"):
                 reason = "convolution weights depend on an image input: runs dense"
             elif not info(node.args[0]).spatial:
@@ -424,11 +464,12 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
             op = "norm"
             if target == aten.batch_norm.default and node.args[5]:
                 reason = "batch_norm in training mode: runs dense (call model.eval() first)"
-            elif target == aten.group_norm.default and exact:
-                reason = "group_norm statistics span the whole map (exact policy): runs dense"
+            elif exact and (target == aten.group_norm.default or instance_stats(node)):
+                reason = (f"{str(target).split('.')[1]} statistics span the whole map (exact "
+                          "policy): runs dense")  # fmt: skip
             else:
                 mode, reason = "fold", ""
-        elif target in PAD_OPS and zero_pads(node) is not None:
+        elif pad_spec(node) is not None:  # a conv reads through it (zeros, reflect, replicate)
             op, mode = "pad", "fold"
             reason = ""
         elif target in UPSAMPLE_OPS:
@@ -491,7 +532,14 @@ def mask_rules(gm: torch.fx.GraphModule):
         )  # fmt: skip
         region = ni.spatial or bool(ni.layout)
         rule = MaskRule(node.name, "full", srcs)
-        if ni.spatial and ni.op == "conv" and conv_params(node) is not None:
+        if ni.spatial and ni.op == "conv" and transposed_params(node) is not None:
+            _, _, stride, padding, out_pad, dilation, _ = transposed_params(node)
+            kh, kw = node.args[1].meta["val"].shape[-2:]
+            if info(node.args[0]).spatial:
+                rule = MaskRule(node.name, "conv_transpose", (node.args[0].name,),
+                                (int(kh), int(kw)), stride, padding, dilation=dilation,
+                                output_padding=out_pad)  # fmt: skip
+        elif ni.spatial and ni.op == "conv" and conv_params(node) is not None:
             _, _, stride, padding, dilation, _ = conv_params(node)
             kh, kw = node.args[1].meta["val"].shape[-2:]
             kernel = (dilation[0] * (int(kh) - 1) + 1, dilation[1] * (int(kw) - 1) + 1)
@@ -509,6 +557,7 @@ def mask_rules(gm: torch.fx.GraphModule):
         elif ni.spatial and ni.op == "resample" and len(map_srcs) == 1:
             rule = MaskRule(node.name, "resample", map_srcs, size=ni.resolution)
         elif ni.spatial and ni.op == "pad" and len(map_srcs) == 1:
-            rule = MaskRule(node.name, "pad", map_srcs, pads=zero_pads(node))
+            mode, pads = pad_spec(node)
+            rule = MaskRule(node.name, "pad", map_srcs, pads=pads, pad_mode=mode)
         rules.append(rule)
     return tuple(rules)

@@ -100,8 +100,17 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
     }
     conv_tiles.update(ctx.op_tiles)  # token-wise linears and attention cores on tiles
     macs = tuple(
-        MacEntry(e.node, e.op, e.resolution, e.dense, "sparse", e.per_pixel, conv_tiles[e.node])
-        if e.node in conv_tiles and e.per_pixel
+        MacEntry(
+            e.node,
+            e.op,
+            e.resolution,
+            e.dense,
+            "sparse",
+            e.per_pixel,
+            conv_tiles[e.node],
+            ctx.tile_macs.get(e.node, 0),
+        )  # fmt: skip
+        if e.node in conv_tiles and (e.per_pixel or e.node in ctx.tile_macs)
         else e
         for e in macs
     )

@@ -9,6 +9,7 @@ working maps, ``tiles`` the edit's tile lists (see ``sigec.runtime.ops``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -21,13 +22,21 @@ from sigec.passes.analysis import (
     ACTIVATION_OPS,
     conv_params,
     info,
+    instance_stats,
     is_identity,
+    pad_spec,
     set_info,
+    transposed_params,
     upsample_factor,
-    zero_pads,
 )
 from sigec.runtime import ops
-from sigec.runtime.program import MacEntry, NormFold, TileRequest
+from sigec.runtime.program import (
+    MacEntry,
+    NormFold,
+    TileRequest,
+    transposed_crop,
+    transposed_window,
+)
 
 aten = torch.ops.aten
 
@@ -45,6 +54,7 @@ class PassContext:
     tile_requests: dict[str, TileRequest] = field(default_factory=dict)
     map_tiles: dict[str, str] = field(default_factory=dict)
     op_tiles: dict[str, str] = field(default_factory=dict)  # captured linear/attention -> tiles
+    tile_macs: dict[str, int] = field(default_factory=dict)  # transposed conv -> MACs per tile
     prelude: torch.fx.GraphModule | None = None  # record-time values of hoisted invariants
     hoisted: list[str] = field(default_factory=list)
     state: torch.fx.Node | None = None
@@ -54,16 +64,17 @@ class PassContext:
         self.counters[counter] = self.counters.get(counter, 0) + by
 
     def request(self, node_name: str, res, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
-                tile=None, in_scale=1) -> str:  # fmt: skip
+                tile=None, in_scale=1, transposed=False) -> str:  # fmt: skip
         """Register the tile list that the op writing map ``node_name`` needs; return its key."""
         t = tile if tile is not None else self.config.block_size["pointwise"]
         mask = node_name if self.config.mask_policy == "exact" else tuple(res)
-        req = TileRequest(mask, tuple(kernel), tuple(stride), tuple(padding), (t, t), in_scale)
+        req = TileRequest(mask, tuple(kernel), tuple(stride), tuple(padding), (t, t), in_scale,
+                          transposed)  # fmt: skip
         mask_txt = mask if isinstance(mask, str) else f"{mask[0]}x{mask[1]}"
         key = (
             f"{mask_txt}|k{req.kernel[0]}x{req.kernel[1]}|s{req.stride[0]}x{req.stride[1]}"
             f"|p{req.padding[0]}x{req.padding[1]}|t{t}|u{in_scale}"
-        )
+        ) + ("|T" if transposed else "")
         self.tile_requests[key] = req
         self.map_tiles[node_name] = key
         return key
@@ -220,7 +231,8 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext) 
 
 
 def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """GroupNorm (cached statistics) and eval BatchNorm -> ``affine(x, scale, shift)``."""
+    """GroupNorm and InstanceNorm (cached statistics), eval BatchNorm -> ``affine(x, scale,
+    shift)``."""
     changed = 0
     for node in list(gm.graph.nodes):
         if info(node).mode != "fold" or info(node).op != "norm":
@@ -231,7 +243,12 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             eps = a[4] if a[4] is not None else 1e-5
             spec = NormFold(orig_name(node), "group_norm", orig_name(x), _name(w), _name(b),
                             float(eps), num_groups=int(groups))  # fmt: skip
-        else:  # batch_norm(input, weight, bias, running_mean, running_var, training, mom, eps, ..)
+        elif instance_stats(node):  # a group norm with one group per channel
+            x, w, b, eps = a[0], a[1], a[2], a[7]
+            spec = NormFold(orig_name(node), "group_norm", orig_name(x), _name(w), _name(b),
+                            float(eps), num_groups=int(x.meta["val"].shape[1]))  # fmt: skip
+        else:  # batch_norm / instance_norm on running statistics:
+            # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
             x, w, b, rm, rv, eps = a[0], a[1], a[2], a[3], a[4], a[7]
             spec = NormFold(orig_name(node), "batch_norm", orig_name(x), _name(w), _name(b),
                             float(eps), running_mean=_name(rm), running_var=_name(rv))  # fmt: skip
@@ -311,6 +328,10 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         ni = info(node)
         if ni.op != "conv" or ni.mode != "sparse" or node.op != "call_function":
             continue
+        if transposed_params(node) is not None:
+            _rewrite_transposed(gm, node, ctx)
+            changed += 1
+            continue
         w, b, stride, padding, dilation, groups = conv_params(node)
         kh, kw = node.args[1].meta["val"].shape[-2:]
         kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
@@ -328,11 +349,39 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return _finish(gm, "rewrite_convs", changed)
 
 
-def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """``conv(pad(x))`` with zero padding -> the conv reads ``x`` with more (top, left) padding.
+def _rewrite_transposed(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> None:
+    """A transposed conv -> ``sparse_conv2d(transposed=...)``: output tiles a multiple of the
+    stride, each computed from its input window (``program.transposed_window``) and cropped."""
+    ni = info(node)
+    w, b, stride, padding, _, dilation, groups = transposed_params(node)
+    kh, kw = (int(k) for k in node.args[1].meta["val"].shape[-2:])
+    kernel = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+    step = math.lcm(*stride)
+    tile = -(-ctx.config.tile_for(kh, kw, ni.resolution) // step) * step
+    name = orig_name(node)
+    key = ctx.request(name, ni.resolution, kernel, stride, padding, tile, transposed=True)
+    windows = [transposed_window(kernel[a], stride[a], padding[a], tile) for a in (0, 1)]
+    crops = [transposed_crop(kernel[a], stride[a], padding[a], tile) for a in (0, 1)]
+    crop = (crops[0][0], crops[1][0], crops[0][1], crops[1][1])  # pads, then offsets
+    wv = w.meta["val"]  # [C_in, C_out / groups, kh, kw]: every input element meets C_out/g * k
+    n = int(node.args[0].meta["val"].shape[0])
+    ctx.tile_macs[name] = n * windows[0][1] * windows[1][1] * wv.numel()
+    new = _replace_with(gm, node, ops.sparse_conv2d,
+                        (ctx.state, ctx.tiles, node.args[0], w, b, stride, dilation, groups),
+                        {"name": name, "tile_key": key, "kernel": ctx.config.conv_kernel,
+                         "transposed": crop})  # fmt: skip
+    new.meta["sigec_conv"] = name
+    ctx.add_map(name, new)
 
-    Gathers read zeros outside the map, so only the top/left pads shift the input tiles; the
-    bottom/right pads need nothing. A pad whose users are not all sparse convs stays (dense).
+
+def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``conv(pad(x))`` -> the conv reads ``x`` with more (top, left) padding, in the pad's mode.
+
+    Gathers read outside the map as zeros, or (``pad_mode``) as the pixel a reflection /
+    replicate pad would put there, so only the top/left pads shift the input tiles; the
+    bottom/right pads need nothing. A reflection / replicate pad folds into a conv without zero
+    padding of its own (one mode per read). A pad whose users are not all sparse convs stays
+    (dense).
     """
     changed = 0
     for node in list(gm.graph.nodes):
@@ -341,14 +390,21 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         pad = node.args[2]
         if not (isinstance(pad, torch.fx.Node) and info(pad).op == "pad"):
             continue
-        left, _, top, _ = zero_pads(pad)
+        mode, (left, _, top, _) = pad_spec(pad)
         key = node.kwargs["tile_key"]
         req = ctx.tile_requests[key]
+        current = node.kwargs.get("pad_mode", "zeros")
+        if mode != "zeros" and (req.padding != (0, 0) or current != "zeros"):
+            continue  # zeros around a reflection: not one read mode
+        if mode == "zeros" and current != "zeros":
+            continue
         padding = (req.padding[0] + top, req.padding[1] + left)
         new_key = ctx.request(node.kwargs["name"], info(node).resolution, req.kernel, req.stride,
                               padding, req.tile[0])  # fmt: skip
         node.args = (*node.args[:2], pad.args[0], *node.args[3:])
         node.kwargs = {**node.kwargs, "tile_key": new_key}
+        if mode != "zeros":
+            node.kwargs = {**node.kwargs, "pad_mode": mode}
         changed += 1
     ctx.bump("pads_folded", changed)
     return _finish(gm, "fold_pads", changed)

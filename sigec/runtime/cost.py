@@ -59,9 +59,11 @@ def executed(program: Program, rows: dict[str, int]) -> EditCost:
         elif e.mode == "sparse":
             req = program.tile_requests[e.tile_key]
             h, w = e.resolution
-            n = e.dense // (e.per_pixel * h * w)
             px = rows.get(e.tile_key, 0) * req.tile[0] * req.tile[1]
-            done = n * px * e.per_pixel
+            if e.per_tile:
+                done = rows.get(e.tile_key, 0) * e.per_tile
+            else:
+                done = e.dense // (e.per_pixel * h * w) * px * e.per_pixel
             frac.setdefault(key, []).append(min(px, h * w) / (h * w))
         dense += e.dense
         sparse += done
@@ -91,7 +93,9 @@ def op_tile_macs(program: Program) -> list[tuple[str, int]]:
     """``(tile list, MACs per computed tile row)`` of every sparse MAC-counted op."""
     out = []
     for e in program.macs:
-        if e.mode == "sparse":
+        if e.mode == "sparse" and e.per_tile:
+            out.append((e.tile_key, e.per_tile))
+        elif e.mode == "sparse":
             req = program.tile_requests[e.tile_key]
             n = e.dense // (e.per_pixel * e.resolution[0] * e.resolution[1])
             out.append((e.tile_key, n * e.per_pixel * req.tile[0] * req.tile[1]))

@@ -102,14 +102,21 @@ def sparse_conv2d(
     slope: float = 0.01,
     residual: torch.Tensor | None = None,
     kernel: str = "cudnn",
+    pad_mode: str = "zeros",
+    transposed: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ bias + residual).
 
     Padding is realised by the gather (corners may lie outside the map), so the conv on the tile
-    batch uses padding 0. ``x`` may be a list of maps: their channel concatenation, which is then
-    only ever built tile by tile. ``kernel`` is ``SparseConfig.conv_kernel``: "fused" runs all of
-    it as one ``tile_conv`` launch (Triton implicit GEMM; groups = 1 and at most two concatenated
-    inputs, else the cuDNN path), "auto" does so for convs without a prologue.
+    batch uses padding 0; reads outside the map are zeros, or with ``pad_mode`` what a folded
+    reflection / replicate pad puts there. ``x`` may be a list of maps: their channel
+    concatenation, which is then only ever built tile by tile. ``kernel`` is
+    ``SparseConfig.conv_kernel``: "fused" runs all of it as one ``tile_conv`` launch (Triton
+    implicit GEMM; groups = 1 and at most two concatenated inputs, else the cuDNN path), "auto"
+    does so for convs without a prologue. ``transposed`` (a transposed conv): ``(pad_h, pad_w,
+    off_h, off_w)``: each gathered input window's transposed conv with that padding holds the
+    output tile at that offset (``program.transposed_window`` / ``transposed_crop``: cuDNN
+    computes little past the tile); always the cuDNN path.
     """
     ts = tiles[tile_key]
     out = state.work(name)
@@ -119,10 +126,11 @@ def sparse_conv2d(
             f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
-    if _use_fused(kernel, scale, shift, act, weight) and groups == 1 and len(parts) <= 2:
+    fused = _use_fused(kernel, scale, shift, act, weight) and groups == 1 and len(parts) <= 2
+    if fused and transposed is None:
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
-                  ts.num_active, check_values=False)  # fmt: skip
+                  ts.num_active, check_values=False, pad_mode=pad_mode)  # fmt: skip
         state.note_written(name, ts)
         return out
     batches, offset = [], 0
@@ -131,10 +139,16 @@ def sparse_conv2d(
         sc = scale[:, offset : offset + c] if scale is not None else None
         sh = shift[:, offset : offset + c] if shift is not None else None
         batches.append(gather(part, ts.in_corners, ts.in_tile[0], ts.in_tile[1], sc, sh, act,
-                              slope, False, ts.num_active, check_values=False))  # fmt: skip
+                              slope, False, ts.num_active, check_values=False,
+                              pad_mode=pad_mode))  # fmt: skip
         offset += c
     batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
-    y = F.conv2d(batch, weight, None, stride, 0, dilation, groups)  # bias: in the scatter
+    if transposed is not None:  # the window's transposed conv, cut to the output tile
+        ph, pw, oh, ow = transposed
+        y = F.conv_transpose2d(batch, weight, None, stride, (ph, pw), 0, groups, dilation)
+        y = y[:, :, oh : oh + ts.out_tile[0], ow : ow + ts.out_tile[1]]
+    else:
+        y = F.conv2d(batch, weight, None, stride, 0, dilation, groups)  # bias: in the scatter
     scatter(out, y.contiguous(memory_format=_fmt(out)), ts.out_corners, residual, ts.num_active,
             check_values=False, bias=bias)  # fmt: skip
     state.note_written(name, ts)

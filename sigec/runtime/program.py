@@ -27,6 +27,8 @@ class TileRequest:
             bottom/right padding needs no number: reads past the map are zeros anyway.
         tile: output tile size.
         in_scale: for nearest upsampling by ``f``: input corners are output corners // f.
+        transposed: a transposed conv (``padding`` its padding): an output tile (a multiple of
+            the stride, at a multiple of it) reads the input window ``transposed_window`` gives.
     """
 
     mask: Resolution | str
@@ -35,6 +37,29 @@ class TileRequest:
     padding: tuple[int, int]
     tile: tuple[int, int]
     in_scale: int = 1
+    transposed: bool = False
+
+
+def transposed_window(kernel: int, stride: int, padding: int, tile: int) -> tuple[int, int, int]:
+    """One axis of a transposed conv on tiles: ``(first, size, crop)``.
+
+    Output pixel ``o`` sums inputs ``i`` with ``i * stride - padding + t = o`` for taps
+    ``0 <= t < kernel`` (the effective kernel). For an output tile of ``tile`` pixels at ``o0``
+    (``o0`` a multiple of ``stride``) the inputs are ``o0 // stride + first`` onwards, ``size`` of
+    them; the transposed conv of that window (padding 0) holds the tile at offset ``crop``.
+    """
+    first = -((kernel - 1 - padding) // stride)  # ceil((padding - kernel + 1) / stride)
+    last = (tile - 1 + padding) // stride
+    return first, last - first + 1, padding - first * stride
+
+
+def transposed_crop(kernel: int, stride: int, padding: int, tile: int) -> tuple[int, int]:
+    """``(pad, offset)`` of one axis: the window's transposed conv with padding ``pad`` (as much
+    of the unneeded output as can be cut on both sides) holds the tile at ``offset``."""
+    _, size, crop = transposed_window(kernel, stride, padding, tile)
+    tail = (size - 1) * stride + kernel - crop - tile  # output past the tile's end (>= 0)
+    pad = min(crop, tail)
+    return pad, crop - pad
 
 
 @dataclass(frozen=True)
@@ -42,10 +67,13 @@ class MaskRule:
     """How one node's changed region follows from its inputs' (exact policy).
 
     kind: "input" (an image input: the edit mask), "conv" (receptive field: max-pool of the input
-    mask with the conv's kernel, stride and padding), "union" (same-resolution pointwise op),
-    "upsample" (nearest, integer ``factor``), "resample" (nearest to ``size``), "pad" (zero
-    padding by ``pads`` = left, right, top, bottom), "full" (a global op: all changed as soon
-    as any input changed).
+    mask with the conv's kernel, stride and padding), "conv_transpose" (the pixels a transposed
+    conv with that kernel (and ``dilation``), stride, padding and ``output_padding`` spreads each
+    changed input pixel to), "union" (same-resolution pointwise op),
+    "upsample" (nearest, integer ``factor``), "resample" (nearest to ``size``), "pad" (padding
+    by ``pads`` = left, right, top, bottom in ``pad_mode``: "zeros", or "reflect" / "replicate",
+    whose padded pixels change with the ones they copy), "full" (a global op: all changed as
+    soon as any input changed).
     """
 
     node: str
@@ -57,6 +85,9 @@ class MaskRule:
     factor: int = 1
     size: Resolution = (0, 0)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    pad_mode: str = "zeros"
+    dilation: tuple[int, int] = (1, 1)
+    output_padding: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -87,7 +118,9 @@ class MacEntry:
 
     ``mode``: "dense" (the edit runs it in full), "cached" (it depends on no image input: the
     edit reads the record, 0 MACs) or "sparse" (a conv on tiles: ``per_pixel`` MACs for each
-    output pixel of each active tile of ``tile_key``, for every sample).
+    output pixel of each computed tile of ``tile_key``, for every sample; or, where set,
+    ``per_tile`` MACs for each computed tile, all samples: a transposed conv, whose cost follows
+    its input window).
     """
 
     node: str
@@ -97,6 +130,7 @@ class MacEntry:
     mode: str = "dense"
     per_pixel: int = 0
     tile_key: str | None = None
+    per_tile: int = 0
 
 
 @dataclass

@@ -100,6 +100,8 @@ def sample_counts(program: Program, masks: torch.Tensor, keys, threshold: float,
                   dilation: int) -> torch.Tensor:  # fmt: skip
     """int64 ``[B, K]``: active tiles of every list ``keys`` for each edit mask of
     ``masks [B, H, W]`` separately (the truncated policy's per-resolution masks)."""
+    if not keys:  # nothing runs on tiles
+        return torch.zeros(masks.shape[0], 0, dtype=torch.int64, device=masks.device)
     levels = mask_pyramid(masks, program.resolutions, threshold, dilation)
     out = []
     for k in keys:
@@ -187,6 +189,8 @@ def calibrate(program: Program, config, device, classes: int | None = None) -> S
     classes = classes or config.size_classes
     keys = tuple(sorted(program.tile_requests))
     h, w = program.input_resolution
+    if not keys:  # nothing runs on tiles: one (empty) class
+        return SizeClasses(keys, ((),), (0.0,), (torch.ones(h, w, dtype=torch.bool),), (0,))
     grid = np.array([grid_size(program.tile_requests[k], _mask_res(program, k)) for k in keys])
     masks = _calibration_masks(h, w, config.mask_dilation, device)
     counts = sample_counts(program, masks, keys, config.mask_threshold,
@@ -265,8 +269,8 @@ def describe(classes: SizeClasses, program: Program) -> list[dict]:
     for s, row in enumerate(classes.caps):
         shares = [c / max(1, grid_size(program.tile_requests[k], _mask_res(program, k)))
                   for k, c in zip(classes.keys, row, strict=True)]  # fmt: skip
-        out.append({"class": s, "rows": sum(row), "min_share": round(min(shares), 4),
-                    "max_share": round(max(shares), 4),
+        out.append({"class": s, "rows": sum(row), "min_share": round(min(shares, default=0), 4),
+                    "max_share": round(max(shares, default=0), 4),
                     "sparse_macs_vs_dense": round(classes.macs[s] / dense, 4),
                     "modelled_ms": round(classes.seconds[s] * 1e3, 4)})  # fmt: skip
     return out

@@ -277,8 +277,8 @@ class StaticPath(EditPath):
             bufs[2 * i].copy_(full[k][0])
             bufs[2 * i + 1].copy_(full[k][1])
         counts_out.copy_(counts)
-        head = [cheapest_fitting(counts, caps, seconds), (counts.sum() == 0).to(torch.int32)
-                .reshape(1)]  # fmt: skip
+        empty = (~mask.any()).to(torch.int32).reshape(1)
+        head = [cheapest_fitting(counts.to(caps.device), caps, seconds), empty]
         head += [(g.to(r.dtype) != r).any().to(torch.int32).reshape(1)
                  for g, r in zip(given, recorded, strict=True)]  # fmt: skip
         head_out.copy_(torch.cat(head))

@@ -13,7 +13,7 @@ from sigec.runtime.masks import (
     tile_indices,
     tiles_at,
 )
-from sigec.runtime.program import MaskRule, Program, TileRequest
+from sigec.runtime.program import MaskRule, Program, TileRequest, transposed_window
 
 
 def propagate_masks(rules: tuple[MaskRule, ...], input_mask: torch.Tensor, shapes: dict) -> dict:
@@ -48,12 +48,17 @@ def propagate_masks(rules: tuple[MaskRule, ...], input_mask: torch.Tensor, shape
             m = torch.zeros((1, *res), dtype=torch.bool, device=dev)
             for s in r.srcs:
                 m = m | masks[s]
+        elif r.kind == "conv_transpose":
+            m = _spread_transposed(masks[r.srcs[0]], r)
         elif r.kind == "upsample":
             f = r.factor
             m = masks[r.srcs[0]].repeat_interleave(f, 1).repeat_interleave(f, 2)
         elif r.kind == "pad":
-            left, right, top, bottom = r.pads
-            m = F.pad(masks[r.srcs[0]], (left, right, top, bottom))
+            src = masks[r.srcs[0]]
+            if r.pad_mode == "zeros":
+                m = F.pad(src, r.pads)
+            else:  # padded pixels copy map pixels: they change with them
+                m = F.pad(src.float(), r.pads, mode=r.pad_mode) > 0
         elif r.kind == "resample":
             m = F.interpolate(masks[r.srcs[0]][None].float(), size=r.size, mode="nearest")[0] > 0
         else:  # "full": a global op
@@ -63,6 +68,19 @@ def propagate_masks(rules: tuple[MaskRule, ...], input_mask: torch.Tensor, shape
             raise AssertionError(f"mask of {r.node}: {tuple(m.shape)} vs map {res}")
         masks[r.node] = m
     return masks
+
+
+def _spread_transposed(src: torch.Tensor, r: MaskRule) -> torch.Tensor:
+    """Output pixels of a transposed conv that a changed input pixel reaches: its inputs
+    placed every ``stride`` pixels, then a max-pool over the (dilated) kernel's footprint."""
+    (sh, sw), (kh, kw), (dh, dw) = r.stride, r.kernel, r.dilation
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    b, h, w = src.shape
+    stuffed = torch.zeros(b, (h - 1) * sh + 1, (w - 1) * sw + 1, device=src.device)
+    stuffed[:, ::sh, ::sw] = src.float()
+    ph, pw = eh - 1 - r.padding[0], ew - 1 - r.padding[1]
+    padded = F.pad(stuffed, (pw, pw + r.output_padding[1], ph, ph + r.output_padding[0]))
+    return F.max_pool2d(padded[None], (kh, kw), stride=1, dilation=(dh, dw))[0] > 0
 
 
 class TileTable:
@@ -113,6 +131,8 @@ class TileTable:
         base = self._indices[ikey]  # out corners are shared; in corners follow the geometry
         if req.in_scale != 1:  # nearest upsampling: input tiles at the lower resolution
             in_corners = base.out_corners // req.in_scale
+        elif req.transposed:  # a transposed conv: the input window of each output tile
+            in_corners = transposed_corners(base.out_corners, req)
         else:
             in_corners = in_corners_of(base.out_corners, req.stride, req.padding)
         return TileSet(base.out_corners, in_corners, req.tile, _in_tile(req), base.num_active)
@@ -122,12 +142,24 @@ class TileTable:
 
 
 def _in_tile(req: TileRequest) -> tuple[int, int]:
-    """Input tile size of a request: the conv's receptive field of an output tile, or the tile at
-    the lower resolution for nearest upsampling (``in_scale``)."""
+    """Input tile size of a request: the conv's receptive field of an output tile, the tile at
+    the lower resolution for nearest upsampling (``in_scale``), or a transposed conv's window."""
     th, tw = req.tile
     if req.in_scale != 1:
         return th // req.in_scale, tw // req.in_scale
+    if req.transposed:
+        return tuple(transposed_window(req.kernel[a], req.stride[a], req.padding[a], req.tile[a])[1]
+                     for a in (0, 1))  # fmt: skip
     return (th - 1) * req.stride[0] + req.kernel[0], (tw - 1) * req.stride[1] + req.kernel[1]
+
+
+def transposed_corners(out_corners: torch.Tensor, req: TileRequest) -> torch.Tensor:
+    """Input window corners of a transposed conv's output tiles (``program.transposed_window``;
+    python scalars only: no host data copied to the device)."""
+    (sh, sw), (fh, fw) = req.stride, (
+        transposed_window(req.kernel[a], req.stride[a], req.padding[a], req.tile[a])[0]
+        for a in (0, 1))  # fmt: skip
+    return torch.stack([out_corners[:, 0] // sh + fh, out_corners[:, 1] // sw + fw], dim=1)
 
 
 def full_tile_lists(program: Program, masks: dict, grids: dict, keys) -> dict:
@@ -161,6 +193,8 @@ def tile_grids(program: Program, masks: dict, keys) -> dict:
 def tile_counts(program: Program, grids: dict, keys) -> torch.Tensor:
     """int64 ``[len(keys)]`` on the grids' device: active tiles of each tile list (no sync)."""
     reqs = [program.tile_requests[k] for k in keys]
+    if not reqs:
+        return torch.zeros(0, dtype=torch.int64)
     return torch.stack([grids[r.mask][r.tile].sum() for r in reqs])
 
 

@@ -156,3 +156,25 @@ def test_float64_runs_on_the_cpu_reference_only():
     torch.testing.assert_close(got, padded_slice_oracle(x, [(-1, -1)], 4, 4, scale=scale))
     with pytest.raises(TypeError, match="float64 runs on the CPU reference only"):
         gather_triton(x, co, 4, 4)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+@pytest.mark.parametrize("impl", [gather_reference, gather_triton], ids=["ref", "triton"])
+def test_folded_pad_modes_read_what_the_padded_map_holds(mode, impl):
+    """A reflection / replicate pad folded into the read: tiles that hang over every border
+    (p = 2 rows and columns of pad) equal slices of ``F.pad(x, mode=...)``, prologue included."""
+    torch.manual_seed(0)
+    n, c, h, w, th, tw, p = 2, 3, 7, 9, 5, 6, 2
+    corners = [(-2, -2), (-2, 5), (4, -1), (4, 5), (1, 2)]  # corners, borders and inside
+    x, scale, shift = torch.randn(n, c, h, w), torch.randn(n, c), torch.randn(n, c)
+    for prologue in ((None, None, "identity"), (scale, shift, "silu")):
+        got = impl(x, corners_tensor(corners), th, tw, *prologue, pad_mode=mode)
+        v = x.float()
+        if prologue[0] is not None:
+            v = F.silu(v * scale[:, :, None, None] + shift[:, :, None, None])
+        padded = F.pad(v, (p, p, p, p), mode=mode)
+        want = torch.stack([padded[:, :, y + p : y + p + th, xx + p : xx + p + tw]
+                            for y, xx in corners], dim=1).flatten(0, 1)  # fmt: skip
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="pad_mode: expected one of"):
+        gather(x, corners_tensor(corners), th, tw, pad_mode="circular")

@@ -156,3 +156,25 @@ def test_bad_input_is_a_typed_error(override, exc, words):
     with pytest.raises(exc) as e:
         tile_conv(**_bad(**override))
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (7, 1, 1), (3, 2, 1), (3, 1, 2)],
+                         ids=["3x3", "7x7", "3x3-stride2", "3x3-dilated"])  # fmt: skip
+def test_folded_pad_modes_equal_the_padded_dense_conv(mode, k, stride, dilation):
+    """``conv(F.pad(x, p, mode))`` with the pad folded into the conv (its padding p read through
+    the pad mode): reference and Triton kernel both equal the dense conv on the padded map."""
+    p = dilation * (k - 1) // 2
+    x, weight, bias, ts, shape, mask = _setup(k=k, stride=stride, padding=p, dilation=dilation,
+                                              h=11, w=13)  # fmt: skip
+    dense = F.conv2d(F.pad(x, (p, p, p, p), mode=mode), weight, bias, stride, 0, dilation)
+    args = (weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [stride] * 2,
+            [dilation] * 2)  # fmt: skip
+    for impl in (tile_conv_reference, tile_conv_triton):
+        out = torch.full(shape, float("nan"))
+        extra = {"blocks": BIG} if impl is tile_conv_triton else {}
+        impl(out, [x], *args, pad_mode=mode, **extra)
+        written = ~out[0, 0].isnan()
+        assert written[mask].all()
+        torch.testing.assert_close(out[:, :, written], dense[:, :, written], rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip

@@ -75,12 +75,23 @@ class _TwoUsers(nn.Module):
         return self.b(x + y) * torch.sigmoid(y)
 
 
-class _ReflectPad(nn.Module):
-    """A non-zero pad before a conv: not folded (runs dense)."""
+class _CircularPad(nn.Module):
+    """A circular pad before a conv: no read mode for it, so not folded (runs dense)."""
 
     def __init__(self):
         super().__init__()
         self.c = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.c(F.pad(x, (1, 1, 1, 1), mode="circular"))
+
+
+class _ReflectThenZeros(nn.Module):
+    """A reflection pad before a conv with zero padding of its own: one read cannot do both."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
 
     def forward(self, x):
         return self.c(F.pad(x, (1, 1, 1, 1), mode="reflect"))
@@ -100,8 +111,9 @@ def test_negative_cases_where_rewrites_must_not_fire():
     x = torch.randn(1, 3, 12, 12)
     c = _counters(_TwoUsers().eval(), (x,), TRUNC)
     assert c["residuals_fused"] == 0 and c["convs_sparse"] == 2
-    c = _counters(_ReflectPad().eval(), (x,), TRUNC)
+    c = _counters(_CircularPad().eval(), (x,), TRUNC)
     assert c["pads_folded"] == 0 and c["dense_fallbacks"] == 1
+    assert _counters(_ReflectThenZeros().eval(), (x,), TRUNC)["pads_folded"] == 0
     gn = GroupNormNet().eval()
     args = (torch.randn(1, 3, 16, 16), torch.randn(1, 4))
     assert _counters(gn, args, EXACT)["norms_folded"] == 0  # exact: statistics recomputed
@@ -272,7 +284,7 @@ def test_dense_regions_group_the_dense_part_and_keep_the_result():
 
 
 def test_short_runs_stay_in_the_edit_graph():
-    counters = _counters(_ReflectPad().eval(), (torch.randn(1, 3, 12, 12),), TRUNC)
+    counters = _counters(_CircularPad().eval(), (torch.randn(1, 3, 12, 12),), TRUNC)
     assert counters["dense_fallbacks"] == 1 and counters["dense_regions"] == 0
 
 
@@ -416,3 +428,16 @@ def test_attention_on_an_empty_passed_batch_returns_an_empty_batch():
                              name="m", tile_key="k", q_tiles=True, as_tiles=torch.float32,
                              batch=2)  # fmt: skip
     assert y.shape == (0, 6, 2, 2) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "net", [_CircularPad, _ReflectThenZeros], ids=["circular", "reflect+zeros"]
+)
+def test_pads_that_stay_keep_the_exact_result(net):
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(1, 3, 12, 12)
+    engine = sigec.compile(model, (x,), config=EXACT)
+    engine.record(x)
+    xe = apply_edit(x, edit_masks(12, 12)["corner"], seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-5, atol=1e-6)

@@ -75,3 +75,47 @@ def test_the_edit_graph_runs_no_tile_list_work():
     with Count():
         path._body(path.last.size_class)
     assert ops["nonzero_static"] == 0 and ops["floor_divide"] == 0  # all in the count graph
+
+
+@pytest.mark.parametrize(
+    "k, s, p, op, d",
+    [
+        (4, 2, 1, 0, 1),
+        (3, 2, 1, 1, 1),
+        (3, 2, 0, 1, 2),
+        (5, 3, 2, 2, 1),
+        (2, 2, 0, 0, 1),
+        (3, 1, 1, 0, 1),
+    ],
+)
+def test_transposed_tiles_are_the_dense_transposed_conv(k, s, p, op, d):
+    """Each output tile of a transposed conv (a multiple of the stride, at a multiple of it)
+    comes from its input window (``transposed_window``): the window's transposed conv, padded
+    and cut by ``transposed_crop``, is the dense one there; and the exact policy's mask spread
+    is the transposed conv of the mask."""
+    import torch.nn.functional as F
+
+    from sigec.runtime.program import MaskRule, transposed_crop, transposed_window
+    from sigec.runtime.tiles import _spread_transposed
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, 7, 6), torch.randn(2, 3, k, k)
+    dense = F.conv_transpose2d(x, w, stride=s, padding=p, output_padding=op, dilation=d)
+    keff, tile = d * (k - 1) + 1, 2 * s
+    first, size, _ = transposed_window(keff, s, p, tile)
+    pad, off = transposed_crop(keff, s, p, tile)
+    padded = F.pad(x, (64, 64, 64, 64))
+    for oy in range(0, dense.shape[2], tile):
+        for ox in range(0, dense.shape[3], tile):
+            iy, ix = oy // s + first + 64, ox // s + first + 64
+            window = padded[:, :, iy : iy + size, ix : ix + size]
+            got = F.conv_transpose2d(window, w, stride=s, padding=pad, dilation=d)
+            want = dense[:, :, oy : oy + tile, ox : ox + tile]
+            got = got[:, :, off : off + want.shape[2], off : off + want.shape[3]]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    m = torch.rand(1, 7, 6) > 0.8
+    rule = MaskRule("y", "conv_transpose", ("x",), (k, k), (s, s), (p, p), dilation=(d, d),
+                    output_padding=(op, op))  # fmt: skip
+    spread = F.conv_transpose2d(m.float()[None], torch.ones(1, 1, k, k), stride=s, padding=p,
+                                output_padding=op, dilation=d)[0] > 0  # fmt: skip
+    assert torch.equal(_spread_transposed(m, rule), spread)
