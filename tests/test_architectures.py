@@ -100,3 +100,24 @@ def test_gan_generators_run_sparse_in_the_truncated_policy(name):
         assert torch.equal(y[..., ~footprint], y0[..., ~footprint])
         outs.append(y)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_vq_quantizer_does_not_send_its_decoder_dense():
+    """The quantizer works on flattened rows (cdist, argmin, embedding: dense), and its codes
+    come back in the latent's shape: read pixel for pixel, the decoder after it runs on tiles."""
+    torch.manual_seed(0)
+    model, x, _ = ARCHITECTURES["vq-decoder"]()
+    config = dataclasses.replace(EXACT, mask_policy="truncated")
+    engine = sigec.compile(model.eval(), (x,), config=config)
+    y0 = engine.record(x)
+    mask = blob_mask(*x.shape[-2:], 0.05, seed=1, num_blobs=1)
+    y = engine.edit(apply_edit(x, mask, seed=2), mask=mask)
+    stats = engine.stats()
+    assert stats["rewrites"]["convs_sparse"] >= 15 and stats["macs_ratio"] > 2
+    dense_ops = {f["op"] for f in stats["dense_fallbacks"]}
+    assert dense_ops <= {"aten.cdist.default", "aten.argmin.default", "aten.embedding.default",
+                         "aten.detach.default",
+                         "aten.view.default", "aten.mean.default", "aten.pow.Tensor_Scalar",
+                         "aten.sub.Tensor", "aten.add.Tensor", "aten.mul.Tensor"}  # fmt: skip
+    (footprint,) = engine.edit_footprint()
+    assert torch.equal(y[..., ~footprint], y0[..., ~footprint])

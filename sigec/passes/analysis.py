@@ -187,11 +187,12 @@ def is_view(node: torch.fx.Node) -> bool:
 
 
 def is_identity(node: torch.fx.Node) -> bool:
-    """Eval dropout, clones, same-dtype casts, multiply/divide by 1."""
+    """Eval dropout, clones, detaches, same-dtype casts, multiply/divide by 1."""
     t = node.target
     if node.op != "call_function":
         return False
-    if t in (aten.alias.default, aten.clone.default, aten.contiguous.default):
+    if t in (aten.alias.default, aten.clone.default, aten.contiguous.default,
+             aten.detach.default):  # fmt: skip
         return True
     if t in (aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar):
         other = node.args[1] if len(node.args) > 1 else None
@@ -264,7 +265,7 @@ def _token_op_layout(node, val, lay: Layout, lays) -> Layout | None:
         out = lay
     elif t in POINTWISE_OPS:
         for a in node.all_input_nodes:
-            if a not in lays and not _per_channel(_val(a), lay):
+            if a not in lays and not _per_channel(_val(a), lay) and not same_shape(a, lay.shape()):
                 return None
         out = lay.with_channels(int(val.shape[cdim])) if isinstance(val, torch.Tensor) else None
     else:
@@ -272,6 +273,16 @@ def _token_op_layout(node, val, lay: Layout, lays) -> Layout | None:
     if out is None or not isinstance(val, torch.Tensor) or tuple(val.shape) != out.shape():
         return None
     return out
+
+
+def same_shape(a: torch.fx.Node, shape) -> bool:
+    """A tensor (no map: computed densely) of exactly the shape of the map it meets in a
+    pointwise op, in a dtype tiles hold: it is read pixel for pixel like a map (a VQ quantizer's
+    codes, reshaped to the latent's shape). Its changed region is unknown: the exact policy's
+    mask rule for the op is "full"."""
+    v = _val(a)
+    return (isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape)
+            and v.dtype in MAP_DTYPES)  # fmt: skip
 
 
 def _per_channel(v, lay: Layout) -> bool:
@@ -393,6 +404,8 @@ def _operands_fit_tiles(node: torch.fx.Node, res) -> str:
         if info(a).spatial:
             if tuple(v.shape[-2:]) != res:
                 return f"operand {a.name} is at another resolution {tuple(v.shape[-2:])}"
+        elif same_shape(a, _val(node).shape):  # read pixel for pixel, like a map
+            continue
         elif v.dim() == 4 and v.dtype not in MAP_DTYPES and tuple(v.shape[-2:]) == res:
             return f"operand {a.name} is a {v.dtype} map (tiles hold floating maps)"
         elif (v.dim() >= 2 and tuple(v.shape[-2:]) != (1, 1)) or (v.dim() < 2 and v.numel() > 1):

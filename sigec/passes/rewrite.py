@@ -25,6 +25,7 @@ from sigec.passes.analysis import (
     instance_stats,
     is_identity,
     pad_spec,
+    same_shape,
     set_info,
     transposed_params,
     upsample_factor,
@@ -546,7 +547,9 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not _is_tile_op(node) or node in inlined:
             continue
         group, leaves = _expression(node, inlined)
-        is_map = lambda a: isinstance(a, torch.fx.Node) and info(a).spatial
+        out_shape = node.meta["val"].shape  # a same-shaped dense operand is read like a map
+        is_map = lambda a, shape=out_shape: isinstance(a, torch.fx.Node) and (  # noqa: E731
+            info(a).spatial or same_shape(a, shape))
         name = orig_name(node)
         key = ctx.request(name, info(node).resolution)
         for member in group:

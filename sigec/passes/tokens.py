@@ -25,7 +25,7 @@ import operator
 import torch
 import torch.fx
 
-from sigec.passes.analysis import info, set_info
+from sigec.passes.analysis import info, same_shape, set_info
 from sigec.passes.rewrite import PassContext, PassResult, _dead_code, _finish
 from sigec.runtime import ops
 
@@ -149,6 +149,14 @@ def _map_form(gm, node, map_of, by_name, ctx: PassContext) -> torch.fx.Node:
         xv = x.meta.get("val")
         if not isinstance(xv, torch.Tensor) or xv.numel() == 1:
             return x
+        if same_shape(x, node.meta["val"].shape):  # a dense tensor in the region's layout
+            as_map = graph.call_function(ops.layout_to_map, (x, ni.layout, ni.resolution))
+            b, c, (h, w) = int(xv.shape[0]), _channels(node), ni.resolution
+            as_map.meta["val"] = torch.empty((b, c, h, w), dtype=xv.dtype, device="meta")
+            as_map.meta["sigec"] = info(x)
+            set_info(as_map, spatial=True, resolution=ni.resolution, layout="", op="view",
+                     mode="dense")  # fmt: skip
+            return as_map
         op = graph.call_function(ops.channel_operand, (x,))
         op.meta["val"] = xv.reshape(1, -1, 1, 1)
         role = info(x).role
