@@ -548,8 +548,12 @@ def rewrite_tile_ops(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         group, leaves = _expression(node, inlined)
         out_shape = node.meta["val"].shape  # a same-shaped dense operand is read like a map
-        is_map = lambda a, shape=out_shape: isinstance(a, torch.fx.Node) and (  # noqa: E731
-            info(a).spatial or same_shape(a, shape))
+        is_map = lambda a, shape=out_shape: (
+            isinstance(a, torch.fx.Node)
+            and (  # noqa: E731
+                info(a).spatial or same_shape(a, shape)
+            )
+        )
         name = orig_name(node)
         key = ctx.request(name, info(node).resolution)
         for member in group:
