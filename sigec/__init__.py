@@ -12,9 +12,11 @@ from sigec.errors import (  # noqa: E402
     InputMismatchError,
     MaskError,
     NotRecordedError,
+    OutputExistsError,
     SigecError,
     StaleCacheError,
 )
+from sigec.saving import load, save  # noqa: E402
 
 __all__ = [
     "CaptureError",
@@ -23,8 +25,11 @@ __all__ = [
     "InputMismatchError",
     "MaskError",
     "NotRecordedError",
+    "OutputExistsError",
     "SigecError",
     "SparseConfig",
     "StaleCacheError",
     "compile",
+    "load",
+    "save",
 ]

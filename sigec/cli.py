@@ -22,6 +22,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _override(text: str) -> tuple:
+    """An argparse type: ``KEY=VALUE`` with VALUE a Python literal (or a plain string)."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def _positive(text: str) -> int:
     """An argparse type: a positive int."""
     try:
@@ -57,6 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
                       help="edited share of the image, 0 to 1 (default 0.05)")  # fmt: skip
     demo.add_argument("--policy", default="truncated", choices=["truncated", "exact"])
     demo.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser(
+        "convert",
+        help="compile a checkpoint (diffusers folder, or state dict + --config) to an engine file",
+        description="Compile a model on disk into one engine file (sigec.load reads it back "
+        "without the model's class or diffusers). SOURCE: a local diffusers UNet folder (or a "
+        "pipeline folder: --component), or a state dict (.pth, .pt, .bin, .safetensors) with "
+        "--config naming its model (a GauGAN generator checkpoint: --config "
+        "gaugan-cityscapes).",
+        epilog=f"configs:\n{models}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conv.add_argument("source", help="a diffusers folder or a state-dict file")
+    conv.add_argument("--out", required=True, help="the engine file to write (e.g. unet.sigec)")
+    conv.add_argument("--config", metavar="NAME", help="the named model a state dict is for")
+    conv.add_argument("--component", default="unet", help="in a pipeline folder (default unet)")
+    conv.add_argument("--batch", type=_positive, help="batch of the compiled call")
+    conv.add_argument(
+        "--size",
+        type=_positive,
+        nargs=2,
+        metavar=("H", "W"),
+        help="resolution of the image input (latents for Stable Diffusion)",
+    )
+    conv.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    conv.add_argument("--device", default="cpu", help="where the engine compiles (cpu, cuda)")
+    conv.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=_override,
+        metavar="KEY=VALUE",
+        help="a SparseConfig field, e.g. mask_dilation=2",
+    )
+    conv.add_argument("--force", action="store_true", help="replace an existing --out file")
     masks = sub.add_parser("mask", help="describe the shared seeded edit mask (blobs) for a size")
     masks.add_argument("--size", type=_positive, nargs=2, default=(256, 256), metavar=("H", "W"))
     masks.add_argument("--fraction", type=_fraction, default=0.012,
@@ -155,13 +203,32 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from sigec.converting import convert
+
+    try:
+        done = convert(args.source, args.out, config=args.config, component=args.component,
+                       batch=args.batch, size=args.size, dtype=args.dtype, device=args.device,
+                       overrides=dict(args.overrides), overwrite=args.force)  # fmt: skip
+    except (sigec.SigecError, ValueError, TypeError) as exc:
+        print(f"sigec convert: {exc}", file=sys.stderr)
+        return 2
+    import os
+
+    size = os.path.getsize(done["out"]) / 2**20
+    print(f"{done['model']} -> {done['out']} ({size:.1f} MiB, {done['dtype']})")
+    print(f"inputs: {done['inputs']}; SparseConfig: {done['config']}")
+    print(f"dense fallbacks: {done['dense_fallbacks']} nodes; load it with sigec.load(path)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return {"mask": _cmd_mask, "demo": _cmd_demo}[args.command](args)
+    return {"mask": _cmd_mask, "demo": _cmd_demo, "convert": _cmd_convert}[args.command](args)
 
 
 if __name__ == "__main__":

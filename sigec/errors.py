@@ -31,3 +31,7 @@ class CheckpointError(SigecError, ValueError):
 
 class EditReplacedError(SigecError, RuntimeError):
     """``commit`` of a slot whose uncommitted edit an edit of another slot replaced."""
+
+
+class OutputExistsError(SigecError, FileExistsError):
+    """A file sigec would write already exists, and replacing it was not asked for."""

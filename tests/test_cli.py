@@ -84,3 +84,66 @@ def test_benchmark_scripts_run_as_files_from_anywhere(tmp_path):
         out = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
         assert out.returncode == 0, out.stderr[-500:]
+
+
+def test_convert_a_diffusers_folder_and_a_state_dict(tmp_path, capsys):
+    """Checkpoints the test writes itself: a UNet2DModel folder (save_pretrained) and a GauGAN
+    state dict with its named config; both become engine files that load and edit like the
+    model compiled in memory."""
+    from diffusers import UNet2DModel
+
+    from sigec.models.configs import DDPM_TINY, build
+    from tests.masks_for_tests import apply_edit, edit_masks
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**DDPM_TINY).eval()
+    unet.save_pretrained(tmp_path / "unet")
+    assert main(["convert", str(tmp_path / "unet"), "--out", str(tmp_path / "u.sigec")]) == 0
+    assert "UNet2DModel from" in capsys.readouterr().out
+    x = torch.randn(1, 3, 32, 32)
+    t = torch.tensor([500])
+    engine = sigec.load(tmp_path / "u.sigec")
+    engine.record(x, t)
+    xe = apply_edit(x, edit_masks(32, 32)["blob"], seed=1)
+    direct = sigec.compile(unet, (x, t), config=engine.config)
+    direct.record(x, t)
+    assert torch.equal(engine.edit(xe, t).sample, direct.edit(xe, t).sample)
+
+    model, args, _ = build("gaugan-tiny", seed=3)
+    torch.save(model.state_dict(), tmp_path / "latest_net_G.pth")
+    out = tmp_path / "g.sigec"
+    argv = ["convert", str(tmp_path / "latest_net_G.pth"), "--config", "gaugan-tiny", "--out",
+            str(out)]  # fmt: skip
+    assert main(argv) == 0
+    engine = sigec.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.record(*args), model(*args), rtol=1e-4, atol=1e-5)
+    assert main(argv) == 2  # the engine file exists: refused without --force
+    assert "--force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+
+
+@pytest.mark.parametrize(
+    "make, argv, words",
+    [
+        (
+            lambda p: p.write_bytes(b"\x80\x02garbage"),
+            ["--config", "gaugan-tiny"],
+            "not a readable state dict",
+        ),
+        (
+            lambda p: torch.save({"nope": torch.zeros(2)}, p),
+            ["--config", "gaugan-tiny"],
+            "does not fit the gaugan-tiny model",
+        ),
+        (lambda p: torch.save({"nope": torch.zeros(2)}, p), [], "say which model it is"),
+        (lambda p: torch.save({"nope": torch.zeros(2)}, p), ["--config", "nonsense"], "unknown"),
+    ],
+    ids=["corrupt", "wrong-model", "no-config", "unknown-config"],
+)
+def test_convert_refuses_bad_checkpoints_and_says_why(tmp_path, capsys, make, argv, words):
+    ckpt = tmp_path / "model.pth"
+    make(ckpt)
+    assert main(["convert", str(ckpt), "--out", str(tmp_path / "x.sigec"), *argv]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "x.sigec").exists()

@@ -68,6 +68,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
             "sigec needs a model that torch.export.export(model, args, kwargs, strict=False) "
             "accepts; data-dependent Python control flow is the usual cause."
         ) from exc
+    in_spec = ep.call_spec.in_spec
+    flat = flatten_call(args, kwargs, in_spec)
+    return Captured(flat_module(ep), in_spec, ep.call_spec.out_spec, flat,
+                    _input_names(in_spec, len(flat)))  # fmt: skip
+
+
+def flat_module(ep) -> torch.fx.GraphModule:
+    """``ep.module()`` without export's shape guards and pytree codegen: flat inputs in, the
+    tuple of flat outputs out."""
     gm = ep.module()
     graph = gm.graph
     for node in list(graph.nodes):  # shape guards: the engine checks inputs itself
@@ -81,6 +90,11 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     gm._forward_hooks.clear()
     graph.lint()
     gm.recompile()
-    in_spec = ep.call_spec.in_spec
-    flat = flatten_call(args, kwargs, in_spec)
-    return Captured(gm, in_spec, ep.call_spec.out_spec, flat, _input_names(in_spec, len(flat)))
+    return gm
+
+
+def export_flat(gm: torch.fx.GraphModule, flat_inputs: list):
+    """The flat graph of a capture exported again (flat inputs, a tuple of flat outputs: no
+    container types of the model's library in it): what ``sigec.save`` writes."""
+    with torch.no_grad():
+        return torch.export.export(gm, tuple(flat_inputs), strict=False)

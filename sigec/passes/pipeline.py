@@ -16,7 +16,7 @@ from sigec.config import SparseConfig
 from sigec.errors import CaptureError
 from sigec.passes import rewrite as rw
 from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
-from sigec.passes.capture import capture
+from sigec.passes.capture import Captured, capture
 from sigec.passes.regions import group_dense_regions
 from sigec.passes.tokens import tokens_to_maps
 from sigec.runtime import ops
@@ -78,7 +78,11 @@ def build_program(model, args, kwargs, config: SparseConfig, passes=PIPELINE) ->
     ``passes`` may be a prefix of ``PIPELINE`` (tests run every prefix: each yields a runnable,
     correct edit graph).
     """
-    cap = capture(model, args, kwargs)
+    return build_program_from(capture(model, args, kwargs), config, passes)
+
+
+def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> Program:
+    """``build_program`` on a model already captured (``sigec.load`` passes a saved one)."""
     kinds = classify_inputs(cap.flat_inputs, cap.input_names, config)
     record_gm = cap.gm
     analyze_roles(record_gm, kinds)
