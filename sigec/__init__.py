@@ -15,6 +15,7 @@ from sigec.errors import (  # noqa: E402
     OutputExistsError,
     SigecError,
     StaleCacheError,
+    TrajectoryChangedError,
 )
 from sigec.saving import load, save  # noqa: E402
 
@@ -29,6 +30,7 @@ __all__ = [
     "SigecError",
     "SparseConfig",
     "StaleCacheError",
+    "TrajectoryChangedError",
     "compile",
     "load",
     "save",

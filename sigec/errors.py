@@ -35,3 +35,7 @@ class EditReplacedError(SigecError, RuntimeError):
 
 class OutputExistsError(SigecError, FileExistsError):
     """A file sigec would write already exists, and replacing it was not asked for."""
+
+
+class TrajectoryChangedError(SigecError, ValueError):
+    """An editing workflow asked to edit a run whose prompt, strength, steps or seed changed."""

@@ -1,0 +1,281 @@
+"""SDEdit with per-step caches: edit an image, re-run the same diffusion trajectory incrementally.
+
+``SDEditor`` wraps a diffusers UNet (``UNet2DModel`` in pixel space, or ``UNet2DConditionModel``
+with text embeddings and classifier-free guidance, batched), a diffusers scheduler (default
+DDIM, deterministic) and optionally a VAE (``AutoencoderKL``: the image is encoded to latents
+and the result decoded)::
+
+    editor = sigec.pipelines.SDEditor(unet, scheduler, vae=vae, steps=30, strength=0.6)
+    image = editor.generate(original, prompt_embeds=c, negative_prompt_embeds=u, seed=0)
+    edited = editor.edit(painted)         # the same noise and timesteps, only the edit recomputed
+    editor.commit()                       # the edit becomes the original of the next one
+
+``generate`` runs the trajectory densely and records every UNet call in a slot of its own (one
+per denoising step), and the VAE encoder and decoder in theirs. ``edit`` runs the same
+trajectory (same start noise, same timesteps) with every call incremental: each step's input
+differs from the recorded one only where the edit spread, so each step recomputes only there
+(its mask is that difference). In the exact policy the edited trajectory equals the dense one on
+the edited image; in the truncated policy it approximates it (measured: tests, docs/results.md).
+The engines share one working set, so a step's edit replaces the previous step's: ``commit``
+therefore runs the last edit once more, committing every step as it goes (or pass
+``edit(..., commit=True)``). A changed prompt, strength, step count or seed raises
+``TrajectoryChangedError``: call ``generate`` again.
+
+``from_pipe(pipe)`` takes a diffusers Stable Diffusion pipeline's components (``unet``,
+``scheduler``, ``vae``) and its prompt encoder. Memory: ``cache_bytes()`` (every step's caches);
+``max_cache_bytes`` refuses a run that needs more (the caches live on the engine's device).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import sigec
+from sigec.config import SparseConfig
+from sigec.errors import NotRecordedError, SigecError, TrajectoryChangedError
+from sigec.runtime.engine import SparseEngine
+
+SIGE_SD = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 1}
+
+
+class CacheBudgetError(SigecError, MemoryError):
+    """A run's per-step caches would exceed ``max_cache_bytes``."""
+
+
+@dataclass
+class _Run:
+    """What ``generate`` fixed: an edit must run the same trajectory."""
+
+    key: tuple
+    timesteps: list
+    noise: torch.Tensor
+    cond: torch.Tensor | None  # [2 or 1, tokens, dim] encoder hidden states of the UNet call
+    embeds: tuple  # (prompt_embeds, negative_prompt_embeds) as generate() got them
+
+
+class _Encode(torch.nn.Module):
+    """An image -> its latents (the posterior's mean: deterministic), scaled like diffusers."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
+
+
+class _Decode(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+
+
+class SDEditor:
+    """See the module docstring.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` or ``UNet2DConditionModel`` (its device and dtype are the
+            editor's).
+        scheduler: a diffusers scheduler (copied); default DDIM with the UNet's training steps.
+        vae: optional ``AutoencoderKL``; without it the UNet works on the image itself (DDPM).
+        config: the ``SparseConfig`` of every engine (default: SIGE's settings).
+        steps, strength: the SDEdit trajectory (steps of the full schedule; the share of it run).
+        guidance_scale: classifier-free guidance (a conditional UNet with negative embeddings).
+        encode_prompt: ``prompt -> (prompt_embeds, negative_prompt_embeds)`` for text prompts.
+        max_cache_bytes: refuse runs whose caches (all steps) need more.
+        progress: show a progress bar over the steps (tqdm).
+    """
+
+    def __init__(self, unet, scheduler=None, vae=None, *, config: SparseConfig | None = None,
+                 steps: int = 30, strength: float = 0.6, guidance_scale: float = 7.5,
+                 encode_prompt=None, max_cache_bytes: int | None = None,
+                 progress: bool = False):  # fmt: skip
+        if scheduler is None:
+            from diffusers import DDIMScheduler
+
+            scheduler = DDIMScheduler(num_train_timesteps=1000)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength: expected a share of the trajectory in (0, 1], got "
+                             f"{strength}")  # fmt: skip
+        self.unet, self.vae = unet.eval(), vae.eval() if vae is not None else None
+        self.scheduler = copy.deepcopy(scheduler)
+        self.config = config or SparseConfig(**SIGE_SD)
+        self.steps, self.strength, self.guidance_scale = steps, strength, guidance_scale
+        self.encode_prompt, self.max_cache_bytes, self.progress = (
+            encode_prompt,
+            max_cache_bytes,
+            progress,
+        )
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.engines: dict[str, SparseEngine] = {}
+        self._run: _Run | None = None
+        self._last_edit = None  # (edited image, mask) of the last uncommitted edit
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs) -> SDEditor:
+        """An editor on a diffusers pipeline's UNet, scheduler, VAE and prompt encoder."""
+        encode = None
+        if hasattr(pipe, "encode_prompt"):
+
+            def encode(prompt):
+                cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, True)
+                return cond, uncond
+
+        return cls(pipe.unet, pipe.scheduler, getattr(pipe, "vae", None), encode_prompt=encode,
+                   **kwargs)  # fmt: skip
+
+    # -- the trajectory --------------------------------------------------------------------------
+
+    def generate(self, image: torch.Tensor, prompt: str | None = None, *, prompt_embeds=None,
+                 negative_prompt_embeds=None, strength: float | None = None,
+                 steps: int | None = None, seed: int = 0) -> torch.Tensor:  # fmt: skip
+        """Run the SDEdit trajectory densely from ``image`` ([1, 3, H, W] in [-1, 1]) and record
+        every call; returns the generated image."""
+        cond = self._conditioning(prompt, prompt_embeds, negative_prompt_embeds)
+        steps = steps or self.steps
+        strength = strength if strength is not None else self.strength
+        self.scheduler.set_timesteps(steps)
+        start = steps - min(steps, max(1, int(round(steps * strength))))
+        timesteps = [t.reshape(1).to(self.device) for t in self.scheduler.timesteps[start:]]
+        image = image.to(device=self.device, dtype=self.dtype)
+        latents = self._call("encode", image, record=True) if self.vae is not None else image
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=g).to(latents)
+        key = (prompt, _digest(prompt_embeds), _digest(negative_prompt_embeds), steps, strength,
+               seed)  # fmt: skip
+        self._run = _Run(key, timesteps, noise, cond, (prompt_embeds, negative_prompt_embeds))
+        self._last_edit = None
+        x = self.scheduler.add_noise(latents, noise, timesteps[0])
+        for i, t in enumerate(self._steps(timesteps)):
+            x = self._denoise(x, t, i, record=True)
+        self._check_budget()
+        return self._call("decode", x, record=True) if self.vae is not None else x
+
+    def edit(self, edited: torch.Tensor, mask: torch.Tensor | None = None, *, prompt=None,
+             prompt_embeds=None, negative_prompt_embeds=None, strength=None, steps=None,
+             seed: int = 0, commit: bool = False) -> torch.Tensor:  # fmt: skip
+        """The trajectory of ``generate`` from the edited image, every call incremental.
+
+        Args:
+            edited: the edited image, like ``generate``'s.
+            mask: optional bool ``[H, W]`` of the edited pixels (default: where it differs).
+            prompt, prompt_embeds, ..., seed: must be ``generate``'s (they fix the trajectory).
+            commit: make each step's edit its new original as it goes.
+        """
+        run = self._run
+        if run is None:
+            raise NotRecordedError("edit before generate: call editor.generate(image, ...) first")
+        steps = steps or self.steps
+        strength = strength if strength is not None else self.strength
+        key = (prompt, _digest(prompt_embeds), _digest(negative_prompt_embeds), steps, strength,
+               seed)  # fmt: skip
+        if key != run.key:
+            changed = [n for n, a, b in zip(("prompt", "prompt_embeds", "negative_prompt_embeds",
+                                             "steps", "strength", "seed"), key, run.key,
+                                            strict=True) if a != b]  # fmt: skip
+            raise TrajectoryChangedError(
+                f"{', '.join(changed)} differ from generate()'s: the cached trajectory is of "
+                "another run; call editor.generate(...) with the new settings first"
+            )
+        edited = edited.to(device=self.device, dtype=self.dtype)
+        if self.vae is not None:
+            latents = self._call("encode", edited, mask=mask, commit=commit)
+        else:
+            latents = edited
+        x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
+        for i, t in enumerate(self._steps(run.timesteps)):
+            x = self._denoise(x, t, i, commit=commit)
+        out = self._call("decode", x, commit=commit) if self.vae is not None else x
+        self._last_edit = None if commit else (edited, mask)
+        return out
+
+    def commit(self) -> None:
+        """Make the last edit the original of the next (its trajectory runs once more, each
+        step committed: the steps share one working set)."""
+        if self._last_edit is None:
+            return
+        edited, mask = self._last_edit
+        run = self._run
+        self.edit(edited, mask, prompt=run.key[0], prompt_embeds=run.embeds[0],
+                  negative_prompt_embeds=run.embeds[1], steps=run.key[3], strength=run.key[4],
+                  seed=run.key[5], commit=True)  # fmt: skip
+
+    def cache_bytes(self) -> int:
+        """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
+        working sets."""
+        total = 0
+        for engine in self.engines.values():
+            total += sum(s.nbytes() for s in engine.slots.values())
+            total += engine.live.nbytes() if engine.live is not None else 0
+        return total
+
+    # -- one call --------------------------------------------------------------------------------
+
+    def _denoise(self, x, t, step: int, record=False, commit=False):
+        cond = self._run.cond
+        guided = cond is not None and cond.shape[0] == 2
+        inp = torch.cat([x, x]) if guided else x
+        kwargs = {"encoder_hidden_states": cond} if cond is not None else {}
+        eps = self._call("unet", inp, t, slot=step, record=record, commit=commit, **kwargs)
+        if guided:
+            uncond, text = eps.chunk(2)
+            eps = uncond + self.guidance_scale * (text - uncond)
+        return self.scheduler.step(eps, t.reshape(()), x).prev_sample
+
+    def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, **kwargs):
+        engine = self.engines.get(part)
+        if engine is None:
+            module = {"unet": self.unet, "encode": _Encode(self.vae) if self.vae else None,
+                      "decode": _Decode(self.vae) if self.vae else None}[part]  # fmt: skip
+            engine = self.engines[part] = sigec.compile(module, args, kwargs, config=self.config)
+        if record:
+            out = engine.record(*args, slot=slot, **kwargs)
+        else:
+            out = engine.edit(*args, slot=slot, mask=mask, **kwargs)
+            if commit:
+                engine.commit(slot=slot)
+        return out.sample if hasattr(out, "sample") else out
+
+    def _conditioning(self, prompt, embeds, negative):
+        if prompt is not None:
+            if self.encode_prompt is None:
+                raise ValueError("a text prompt needs encode_prompt= (or from_pipe(pipe)); "
+                                 "or pass prompt_embeds")  # fmt: skip
+            embeds, negative = self.encode_prompt(prompt)
+        if embeds is None:
+            return None
+        embeds = embeds.to(device=self.device, dtype=self.dtype)
+        if negative is None or self.guidance_scale == 1.0:
+            return embeds
+        return torch.cat([negative.to(embeds), embeds])
+
+    def _steps(self, timesteps):
+        if not self.progress:
+            return timesteps
+        from tqdm import tqdm
+
+        return tqdm(timesteps, desc="sigec", unit="step")
+
+    def _check_budget(self) -> None:
+        if self.max_cache_bytes is not None and self.cache_bytes() > self.max_cache_bytes:
+            need = self.cache_bytes()
+            raise CacheBudgetError(
+                f"the run's caches need {need / 2**20:.0f} MiB, above max_cache_bytes "
+                f"({self.max_cache_bytes / 2**20:.0f} MiB): use fewer steps, a lower strength or "
+                "a smaller image"
+            )
+
+
+def _digest(t) -> tuple | None:
+    """A cheap fingerprint of a tensor argument (shape and a few sums), to notice a change."""
+    if t is None:
+        return None
+    t = t.detach().float()
+    return (tuple(t.shape), round(float(t.sum()), 4), round(float((t * t).sum()), 4))
