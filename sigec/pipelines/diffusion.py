@@ -103,18 +103,21 @@ class SDEditor:
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength: expected a share of the trajectory in (0, 1], got "
                              f"{strength}")  # fmt: skip
-        self.unet, self.vae = unet.eval(), vae.eval() if vae is not None else None
+        self.engines: dict[str, SparseEngine] = {}
+        if isinstance(unet, SparseEngine):  # compiled already (an engine file): use it
+            self.engines["unet"] = unet
+            spatial = unet.program.input_kinds.index("spatial")
+            _, self.dtype, self.device = unet.program.example_meta[spatial]
+        else:
+            unet.eval()
+            param = next(unet.parameters())
+            self.device, self.dtype = param.device, param.dtype
+        self.unet, self.vae = unet, vae.eval() if vae is not None else None
         self.scheduler = copy.deepcopy(scheduler)
         self.config = config or SparseConfig(**SIGE_SD)
         self.steps, self.strength, self.guidance_scale = steps, strength, guidance_scale
-        self.encode_prompt, self.max_cache_bytes, self.progress = (
-            encode_prompt,
-            max_cache_bytes,
-            progress,
-        )
-        param = next(unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.engines: dict[str, SparseEngine] = {}
+        self.encode_prompt = encode_prompt
+        self.max_cache_bytes, self.progress = max_cache_bytes, progress
         self._run: _Run | None = None
         self._last_edit = None  # (edited image, mask) of the last uncommitted edit
 
@@ -154,7 +157,7 @@ class SDEditor:
         self._last_edit = None
         x = self.scheduler.add_noise(latents, noise, timesteps[0])
         for i, t in enumerate(self._steps(timesteps)):
-            x = self._denoise(x, t, i, record=True)
+            x = self._denoise(x, t, self._unet(i, record=True))
         self._check_budget()
         return self._call("decode", x, record=True) if self.vae is not None else x
 
@@ -191,7 +194,7 @@ class SDEditor:
             latents = edited
         x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
         for i, t in enumerate(self._steps(run.timesteps)):
-            x = self._denoise(x, t, i, commit=commit)
+            x = self._denoise(x, t, self._unet(i, commit=commit))
         out = self._call("decode", x, commit=commit) if self.vae is not None else x
         self._last_edit = None if commit else (edited, mask)
         return out
@@ -207,6 +210,25 @@ class SDEditor:
                   negative_prompt_embeds=run.embeds[1], steps=run.key[3], strength=run.key[4],
                   seed=run.key[5], commit=True)  # fmt: skip
 
+    def dense(self, image: torch.Tensor) -> torch.Tensor:
+        """The trajectory of the last ``generate``'s settings from ``image``, every call the dense
+        model (no cache touched): the reference an edit approximates."""
+        run = self._run
+        if run is None:
+            raise NotRecordedError("dense before generate: call editor.generate(image, ...) first")
+        image = image.to(device=self.device, dtype=self.dtype)
+        latents = self._dense("encode", image) if self.vae is not None else image
+        x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
+        for t in self._steps(run.timesteps):
+            x = self._denoise(x, t, lambda *a, **k: self._dense("unet", *a, **k))
+        return self._dense("decode", x) if self.vae is not None else x
+
+    def _dense(self, part: str, *args, **kwargs):
+        engine = self.engines[part]
+        flat = engine._flatten(args, kwargs)
+        with torch.no_grad():
+            return engine.record_gm(*flat)[0]
+
     def cache_bytes(self) -> int:
         """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
         working sets."""
@@ -218,16 +240,22 @@ class SDEditor:
 
     # -- one call --------------------------------------------------------------------------------
 
-    def _denoise(self, x, t, step: int, record=False, commit=False):
+    def _denoise(self, x, t, unet):
+        """One scheduler step from ``x`` at ``t``; ``unet(x_in, t, **cond)`` runs the UNet (as
+        a recorded, an edited or the dense call)."""
         cond = self._run.cond
         guided = cond is not None and cond.shape[0] == 2
         inp = torch.cat([x, x]) if guided else x
         kwargs = {"encoder_hidden_states": cond} if cond is not None else {}
-        eps = self._call("unet", inp, t, slot=step, record=record, commit=commit, **kwargs)
+        eps = unet(inp, t, **kwargs)
         if guided:
             uncond, text = eps.chunk(2)
             eps = uncond + self.guidance_scale * (text - uncond)
         return self.scheduler.step(eps, t.reshape(()), x).prev_sample
+
+    def _unet(self, step: int, record=False, commit=False):
+        return lambda *a, **k: self._call("unet", *a, slot=step, record=record, commit=commit,
+                                          **k)  # fmt: skip
 
     def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, **kwargs):
         engine = self.engines.get(part)

@@ -44,6 +44,8 @@ def test_ddpm_sdedit_edit_is_the_dense_trajectory_of_the_edited_image():
     got = editor.edit(edited, seed=3)
     dense = SDEditor(unet, config=EXACT, steps=8, strength=0.5).generate(edited, seed=3)
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
+    # the editor's own dense reference (no cache touched) is that trajectory too
+    torch.testing.assert_close(editor.dense(edited), dense, rtol=1e-5, atol=1e-5)
     # commit, then a second edit: the dense trajectory of the twice-edited image again
     editor.commit()
     twice = _painted(edited, 0.04, seed=5)
@@ -101,3 +103,19 @@ def test_edit_before_generate_and_budgets_are_typed_errors():
         SDEditor(unet, config=TRUNC, steps=4, max_cache_bytes=1000).generate(img)
     with pytest.raises(ValueError, match="strength"):
         SDEditor(unet, strength=1.5)
+
+
+def test_an_editor_over_a_compiled_engine_edits_like_one_over_the_module():
+    """An engine (e.g. from sigec.load) as the UNet: the same trajectory, the same edit."""
+    unet = _ddpm()
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    edited = _painted(img)
+    engine = sigec.compile(unet, (img, torch.tensor([10])), config=EXACT)
+    a, b = (
+        SDEditor(engine, steps=4, strength=0.5),
+        SDEditor(unet, config=EXACT, steps=4, strength=0.5),
+    )
+    torch.testing.assert_close(a.generate(img, seed=3), b.generate(img, seed=3))
+    torch.testing.assert_close(a.edit(edited, seed=3), b.edit(edited, seed=3))
+    with pytest.raises(sigec.NotRecordedError, match="generate"):
+        SDEditor(engine, steps=4).dense(img)
