@@ -9,6 +9,7 @@ import argparse
 import sys
 
 import sigec
+from sigec.pipelines.images import is_label_map
 
 
 def _fraction(text: str) -> float:
@@ -70,6 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="edited share of the image, 0 to 1 (default 0.05)")  # fmt: skip
     demo.add_argument("--policy", default="truncated", choices=["truncated", "exact"])
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", metavar="DIR",
+                      help="folder for the pictures (default: a new ./sigec-demo*)")  # fmt: skip
+    demo.add_argument("--steps", type=_positive, default=10, help="SDEdit steps (default 10)")
+    demo.add_argument("--strength", type=_fraction, default=0.5, help="SDEdit strength")
+    demo.add_argument("--force", action="store_true", help="replace pictures in --out")
+    edit = sub.add_parser(
+        "edit",
+        help="edit an image file with an engine file or a diffusers folder; write the pictures",
+        description="Generate from --image, edit to --edited (or paint --mask: a colour, or a "
+        "label for label maps), and write original, edited, mask, active tiles per resolution, "
+        "result (and dense and |result - dense| with --check-dense) into --out. Workflows: "
+        "sdedit (a UNet engine or folder: DDPM in pixel space, a Stable Diffusion pipeline folder "
+        "with its VAE), labels (a GauGAN engine: --image is an index picture), call (any other "
+        "engine: one call).",
+    )
+    edit.add_argument("model", metavar="ENGINE_OR_PIPELINE",
+                      help="an engine file (sigec convert) or a diffusers folder")  # fmt: skip
+    edit.add_argument("--image", required=True, help="the original (a label map: index picture)")
+    how = edit.add_mutually_exclusive_group(required=True)
+    how.add_argument("--edited", help="the edited picture (the mask: where it differs)")
+    how.add_argument("--mask", help="a mask picture: paint it with --colour (or --label)")
+    edit.add_argument("--colour", type=int, nargs=3, default=(255, 40, 40), metavar=("R", "G", "B"),
+                      help="the paint of --mask (default 255 40 40)")  # fmt: skip
+    edit.add_argument("--label", type=int, help="the class --mask paints (label maps)")
+    edit.add_argument("--out", required=True, metavar="DIR", help="folder for the pictures")
+    edit.add_argument("--kind", choices=["sdedit", "labels", "call"],
+                      help="override the workflow the model says it is")  # fmt: skip
+    edit.add_argument("--check-dense", action="store_true",
+                      help="also run the dense model on the edited input (dense.png, "
+                      "error.png, PSNR)")  # fmt: skip
+    edit.add_argument("--steps", type=_positive, default=20, help="SDEdit steps (default 20)")
+    edit.add_argument("--strength", type=_fraction, default=0.5, help="SDEdit strength (0.5)")
+    edit.add_argument("--seed", type=int, default=0, help="SDEdit noise seed")
+    edit.add_argument("--prompt", help="text prompt (a pipeline folder with a text encoder)")
+    edit.add_argument("--device", help="where to run (default: the engine's)")
+    edit.add_argument("--force", action="store_true", help="replace pictures in --out")
     conv = sub.add_parser(
         "convert",
         help="compile a checkpoint (diffusers folder, or state dict + --config) to an engine file",
@@ -129,12 +166,6 @@ def _cmd_mask(args) -> int:
     return 0
 
 
-def is_label_map(x) -> bool:
-    """A one-hot label map ``[N, C, H, W]`` (every pixel one class): edits change labels."""
-    return x.dim() == 4 and x.shape[1] > 1 and bool(((x == 0) | (x == 1)).all()) and bool(
-        (x.sum(1) == 1).all())  # fmt: skip
-
-
 def edit_input(x, mask, seed: int):
     """The demo's edit of ``x`` inside ``mask``: a label map gets one new class there (the
     least common one in the region), anything else new noise."""
@@ -150,12 +181,23 @@ def edit_input(x, mask, seed: int):
     return torch.where(mask, torch.randn(x.shape, generator=g).to(x), x)
 
 
+def _demo_folder(out) -> str:
+    """``--out``, or the first of sigec-demo, sigec-demo-2, ... that does not exist yet."""
+    import os
+
+    if out is not None:
+        return out
+    name, i = "sigec-demo", 1
+    while os.path.exists(name):
+        i += 1
+        name = f"sigec-demo-{i}"
+    return name
+
+
 def _cmd_demo(args) -> int:
-    import time
-
-    import torch
-
     from sigec.models.configs import MODELS, build
+    from sigec.pipelines import images, workflow
+    from sigec.pipelines.diffusion import SIGE_SD
     from sigec.runtime.masks import blob_mask
 
     if args.model not in MODELS:
@@ -163,43 +205,78 @@ def _cmd_demo(args) -> int:
         return 2
     model, inputs, kwargs = build(args.model, seed=args.seed)
     config = sigec.SparseConfig(mask_policy=args.policy, **MODELS[args.model].sige_config)
-    t0 = time.perf_counter()
-    engine = sigec.compile(model, inputs, kwargs, config=config)
-    compile_s = time.perf_counter() - t0
-    engine.record(*inputs, **kwargs)
     x = inputs[0]
     mask = blob_mask(*x.shape[-2:], args.fraction, seed=args.seed)
-    x_edit = edit_input(x, mask, args.seed)
-    got = engine.edit(x_edit, *inputs[1:], **kwargs)
-    with torch.no_grad():
-        want = model(x_edit, *inputs[1:], **kwargs)
-    got, want = (getattr(v, "sample", v) for v in (got, want))
-    stats = engine.stats()
-    err = (got - want).abs()
-    outside = torch.nn.functional.interpolate(mask[None, None].float(), size=got.shape[-2:])
-    outside = outside[0, 0] == 0
-    kind = "a label change" if is_label_map(x) else "new noise"
-    print(f"{args.model}: compiled in {compile_s:.1f} s; {args.policy} policy")
-    print(f"edit of {mask.float().mean().item():.2%} of the input ({args.fraction:.1%} asked): "
-          f"{kind}")  # fmt: skip
-    ratio = stats["macs_ratio"]
-    saved = f"({ratio:.2f}x fewer)" if ratio else "(nothing recomputed)"
-    if stats["ran_dense"]:
-        saved = "(the dense model ran: the edit's tiles would have cost more)"
-    print(f"MACs: dense {stats['dense_macs'] / 1e9:.3f} G, edit {stats['sparse_macs'] / 1e9:.3f} G"
-          f" {saved}")  # fmt: skip
-    rng = (want.max() - want.min()).item()
-    mse = err.double().pow(2).mean().item()
-    psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng * rng / mse)).item()
-    outside_err = err[..., outside].max().item() if outside.any() else 0.0
-    print(f"fidelity vs dense on the edited input: PSNR {psnr:.1f} dB, "
-          f"max error {err.max().item():.2e}, outside the mask {outside_err:.2e}")  # fmt: skip
-    print(f"active fraction per resolution: "
-          f"{ {k: round(v, 3) for k, v in stats['active_fraction'].items()} }")  # fmt: skip
-    print(
-        f"cache: {stats['cache_bytes'] / 2**20:.1f} MiB; dense fallbacks: "
-        f"{len(stats['dense_fallbacks'])} nodes (engine.stats()['dense_fallbacks'] says why)"
-    )
+    if type(model).__name__ == "UNet2DModel":  # a diffusion UNet in pixel space: SDEdit
+        # SIGE's SDEdit settings (the steps spread an edit: a 1-pixel dilation, not 5)
+        sd = {**MODELS[args.model].sige_config, **SIGE_SD}
+        config = sigec.SparseConfig(mask_policy=args.policy, **sd)
+        editor = workflow.SDEditor(model, config=config, steps=args.steps,
+                                   strength=args.strength)  # fmt: skip
+        flow = workflow.SDEditFlow(editor, seed=args.seed)
+        x = images.demo_picture(*x.shape[-2:])
+        edited = images.paint(x, mask, (255, 40, 40))
+    elif is_label_map(x):
+        flow, edited = workflow.LabelFlow(workflow.LabelMapEditor(model, config)), None
+    else:
+        flow = workflow.CallFlow(model, inputs[1:], kwargs, config=config)
+        edited = None
+    if edited is None:
+        edited = edit_input(x, mask, args.seed)
+    folder = _demo_folder(args.out)
+    try:
+        report = workflow.run_edit(flow, x, edited, mask, check_dense=True)
+        written = report.write(folder, overwrite=args.force)
+    except sigec.SigecError as exc:
+        print(f"sigec demo: {exc}", file=sys.stderr)
+        return 2
+    kind = "a label change" if is_label_map(x) else "new paint" if flow.kind == "sdedit" else (
+        "new noise")  # fmt: skip
+    print(f"{args.model}: compiled, recorded and warmed up in {report.times['generate_s']:.1f} s "
+          f"(random weights); {args.policy} policy; {kind}")  # fmt: skip
+    for line in report.lines():
+        print(line)
+    print(f"pictures: {len(written) - 1} PNGs and summary.json in {folder}/ (tiles of the "
+          f"{report.tiles_of})")  # fmt: skip
+    return 0
+
+
+def _cmd_edit(args) -> int:
+    from sigec.pipelines import images, workflow
+
+    try:
+        flow = workflow.open_workflow(args.model, kind=args.kind, steps=args.steps,
+                                      strength=args.strength, seed=args.seed, prompt=args.prompt,
+                                      device=args.device, progress=True)  # fmt: skip
+        size, classes = flow.input_size()
+        if flow.kind == "labels":
+            original = images.read_label_map(args.image, classes, size)
+        else:
+            original = images.read_image(args.image, size)
+        mask = None
+        if args.edited is not None:
+            if flow.kind == "labels":
+                edited = images.read_label_map(args.edited, classes, size)
+            else:
+                edited = images.read_image(args.edited, size)
+        else:
+            mask = images.read_mask(args.mask, size)
+            if flow.kind == "labels":
+                if args.label is None:
+                    raise sigec.MaskError("a label map's --mask needs --label: the class to paint")
+                edited = workflow.LabelMapEditor.relabel(original, mask, args.label)
+            else:
+                edited = images.paint(original, mask, tuple(args.colour))
+        dev = flow.device()
+        original, edited = original.to(dev), edited.to(dev)
+        report = workflow.run_edit(flow, original, edited, mask, check_dense=args.check_dense)
+        written = report.write(args.out, overwrite=args.force)
+    except (sigec.SigecError, ValueError, OSError) as exc:
+        print(f"sigec edit: {exc}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    print(f"pictures: {', '.join(p.name for p in written)} in {args.out}/")
     return 0
 
 
@@ -228,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return {"mask": _cmd_mask, "demo": _cmd_demo, "convert": _cmd_convert}[args.command](args)
+    commands = {"mask": _cmd_mask, "demo": _cmd_demo, "convert": _cmd_convert, "edit": _cmd_edit}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

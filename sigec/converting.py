@@ -42,19 +42,32 @@ def convert(source, out, *, config: str | None = None, component: str = "unet", 
     model, args, kwargs, defaults, what = load_model(source, config=config, component=component,
                                                      batch=batch, size=size)  # fmt: skip
     dt, dev = DTYPES[dtype], torch.device(device)
-    model = model.to(device=dev, dtype=dt)
+    param = next(model.parameters(), None)
+    if param is not None and (param.dtype, param.device) != (dt, dev):
+        model = model.to(device=dev, dtype=dt)
     move = lambda v: v.to(device=dev, dtype=dt if v.is_floating_point() else v.dtype)  # noqa: E731
     args = tuple(move(a) if isinstance(a, torch.Tensor) else a for a in args)
     kwargs = torch.utils._pytree.tree_map(lambda v: move(v) if isinstance(v, torch.Tensor) else v,
                                           kwargs)  # fmt: skip
     sparse = SparseConfig(**{**defaults, **(overrides or {})})
     engine = sigec_compile(model, args, kwargs, config=sparse)
+    engine.meta = {"model": what, "workflow": _workflow(model, args)}
     path = save(engine, out, overwrite=overwrite)
     shapes = [list(a.shape) for a in torch.utils._pytree.tree_leaves((args, kwargs))
               if isinstance(a, torch.Tensor)]  # fmt: skip
     return {"out": str(path), "model": what, "inputs": shapes, "dtype": dtype,
             "config": {**defaults, **(overrides or {})},
             "dense_fallbacks": len(engine.program.fallbacks)}  # fmt: skip
+
+
+def _workflow(model, args) -> str:
+    """What ``sigec edit`` does with the engine: SDEdit for a pixel-space UNet, label edits for a
+    generator of one-hot label maps, one call otherwise."""
+    from sigec.pipelines.images import is_label_map
+
+    if type(model).__name__ == "UNet2DModel":
+        return "sdedit"
+    return "labels" if len(args) == 1 and is_label_map(args[0]) else "call"
 
 
 def load_model(source, *, config=None, component="unet", batch=None, size=None):

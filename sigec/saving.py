@@ -118,6 +118,7 @@ def save(engine: SparseEngine, path, overwrite: bool = False) -> Path:
         "in_spec": pytree.treespec_dumps(prog.in_spec),
         "parameters": list(ep.graph_signature.parameters),
         "out_spec": _describe(prog.out_spec),
+        "meta": _json_meta(engine.meta),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in entries.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,14 @@ def save(engine: SparseEngine, path, overwrite: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _json_meta(meta: dict) -> dict:
+    try:
+        json.dumps(meta)
+    except TypeError as exc:
+        raise CheckpointError(f"engine.meta must hold JSON values only ({exc})") from None
+    return dict(meta)
 
 
 def _safetensors(tensors: dict) -> bytes:
@@ -265,7 +274,9 @@ def load(path, device=None) -> SparseEngine:
             gm = flat_module(export_flat(copy.deepcopy(base).to(device=dev, dtype=dt), flat))
         return build_program_from(Captured(gm, in_spec, out_spec, flat, names), config)
 
-    return SparseEngine(rebuild(), config, rebuild)
+    engine = SparseEngine(rebuild(), config, rebuild)
+    engine.meta = dict(manifest.get("meta", {}))
+    return engine
 
 
 def _manifest(zf: zipfile.ZipFile, path: Path) -> dict:

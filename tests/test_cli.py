@@ -27,7 +27,8 @@ def test_mask_command_reports_area_and_tiles(capsys):
     assert "64x64 mask, seed 1: 5.0" in line and "tiles of 6x6 active" in line
 
 
-def test_demo_command_compiles_edits_and_reports(capsys):
+def test_demo_command_compiles_edits_and_reports(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo writes its pictures into a new folder here
     assert main(["demo", "--model", "convnet-missing"]) == 2
     assert "unknown model" in capsys.readouterr().out
     assert main(["demo", "--model", "ddpm-tiny", "--fraction", "0.05"]) == 0
@@ -42,6 +43,9 @@ def test_demo_command_compiles_edits_and_reports(capsys):
     # the exact policy matches the dense model: the error is float rounding only
     err = float(out.split("max error ")[1].split(",")[0])
     assert err < 1e-4
+    # every run its own folder, nothing overwritten
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert folders == ["sigec-demo", "sigec-demo-2", "sigec-demo-3", "sigec-demo-4"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     """
     kwargs = dict(kwargs or {})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # weights a forward pre-hook computes (spectral norm): exported as the graph's
+            # arithmetic on the registered parameters, which is what the engine runs
+            warnings.filterwarnings("ignore", message=".*were assigned during export")
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as exc:  # export failures come in many types; re-raise one with advice
         raise CaptureError(

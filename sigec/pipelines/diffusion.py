@@ -163,7 +163,7 @@ class SDEditor:
 
     def edit(self, edited: torch.Tensor, mask: torch.Tensor | None = None, *, prompt=None,
              prompt_embeds=None, negative_prompt_embeds=None, strength=None, steps=None,
-             seed: int = 0, commit: bool = False) -> torch.Tensor:  # fmt: skip
+             seed: int = 0, commit: bool = False, observe=None) -> torch.Tensor:  # fmt: skip
         """The trajectory of ``generate`` from the edited image, every call incremental.
 
         Args:
@@ -171,6 +171,8 @@ class SDEditor:
             mask: optional bool ``[H, W]`` of the edited pixels (default: where it differs).
             prompt, prompt_embeds, ..., seed: must be ``generate``'s (they fix the trajectory).
             commit: make each step's edit its new original as it goes.
+            observe: called as ``observe(name, engine, slot)`` after each call's edit (while
+                its tiles and stats are the engine's last: the steps share one working set).
         """
         run = self._run
         if run is None:
@@ -189,13 +191,13 @@ class SDEditor:
             )
         edited = edited.to(device=self.device, dtype=self.dtype)
         if self.vae is not None:
-            latents = self._call("encode", edited, mask=mask, commit=commit)
+            latents = self._call("encode", edited, mask=mask, commit=commit, observe=observe)
         else:
             latents = edited
         x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
         for i, t in enumerate(self._steps(run.timesteps)):
-            x = self._denoise(x, t, self._unet(i, commit=commit))
-        out = self._call("decode", x, commit=commit) if self.vae is not None else x
+            x = self._denoise(x, t, self._unet(i, commit=commit, observe=observe))
+        out = self._call("decode", x, commit=commit, observe=observe) if self.vae else x
         self._last_edit = None if commit else (edited, mask)
         return out
 
@@ -224,19 +226,13 @@ class SDEditor:
         return self._dense("decode", x) if self.vae is not None else x
 
     def _dense(self, part: str, *args, **kwargs):
-        engine = self.engines[part]
-        flat = engine._flatten(args, kwargs)
-        with torch.no_grad():
-            return engine.record_gm(*flat)[0]
+        out = self.engines[part].dense(*args, **kwargs)
+        return out.sample if hasattr(out, "sample") else out
 
     def cache_bytes(self) -> int:
         """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
         working sets."""
-        total = 0
-        for engine in self.engines.values():
-            total += sum(s.nbytes() for s in engine.slots.values())
-            total += engine.live.nbytes() if engine.live is not None else 0
-        return total
+        return sum(engine.cache_bytes() for engine in self.engines.values())
 
     # -- one call --------------------------------------------------------------------------------
 
@@ -253,11 +249,12 @@ class SDEditor:
             eps = uncond + self.guidance_scale * (text - uncond)
         return self.scheduler.step(eps, t.reshape(()), x).prev_sample
 
-    def _unet(self, step: int, record=False, commit=False):
+    def _unet(self, step: int, record=False, commit=False, observe=None):
         return lambda *a, **k: self._call("unet", *a, slot=step, record=record, commit=commit,
-                                          **k)  # fmt: skip
+                                          observe=observe, **k)  # fmt: skip
 
-    def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, **kwargs):
+    def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, observe=None,
+              **kwargs):  # fmt: skip
         engine = self.engines.get(part)
         if engine is None:
             module = {"unet": self.unet, "encode": _Encode(self.vae) if self.vae else None,
@@ -267,6 +264,8 @@ class SDEditor:
             out = engine.record(*args, slot=slot, **kwargs)
         else:
             out = engine.edit(*args, slot=slot, mask=mask, **kwargs)
+            if observe is not None:
+                observe(part if part != "unet" else f"unet step {slot}", engine, slot)
             if commit:
                 engine.commit(slot=slot)
         return out.sample if hasattr(out, "sample") else out

@@ -89,14 +89,63 @@ def error_map(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return err / top * 2 - 1
 
 
+def paint(image: torch.Tensor, mask: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
+    """``image`` ``[1, 3, H, W]`` with the pixels of ``mask`` painted in colour ``rgb`` (0-255)."""
+    if tuple(mask.shape) != tuple(image.shape[-2:]):
+        h, w = image.shape[-2:]
+        raise MaskError(f"the mask is {mask.shape[0]}x{mask.shape[1]}, the image {h}x{w}: "
+                        "they must be the same size")  # fmt: skip
+    colour = torch.tensor(rgb, dtype=torch.float32).reshape(1, 3, 1, 1) / 127.5 - 1.0
+    return torch.where(mask.to(image.device), colour.to(image), image)
+
+
+def demo_picture(h: int, w: int) -> torch.Tensor:
+    """A built-in picture to edit (a sky, a hill, a sun): ``[1, 3, h, w]`` in [-1, 1]."""
+    y = torch.linspace(0, 1, h).reshape(h, 1).expand(h, w)
+    x = torch.linspace(0, 1, w).reshape(1, w).expand(h, w)
+    sky = torch.stack([0.3 + 0.4 * y, 0.5 + 0.3 * y, torch.full_like(y, 0.95)])
+    ground = torch.stack([0.2 + 0.2 * x, 0.55 - 0.2 * y, 0.15 + 0 * x])
+    hill = y > 0.62 - 0.12 * torch.sin(3.1 * x)
+    sun = (y - 0.25) ** 2 + (x - 0.72) ** 2 < 0.012
+    pic = torch.where(hill, ground, sky)
+    pic = torch.where(sun, torch.tensor([1.0, 0.85, 0.3]).reshape(3, 1, 1), pic)
+    return pic[None] * 2 - 1
+
+
+def is_label_map(x: torch.Tensor) -> bool:
+    """A one-hot label map ``[N, C, H, W]`` (C > 1, every pixel exactly one class)."""
+    return (x.dim() == 4 and x.shape[1] > 1 and bool(((x == 0) | (x == 1)).all())
+            and bool((x.sum(1) == 1).all()))  # fmt: skip
+
+
+def tile_pictures(mask: torch.Tensor, tiles: list) -> dict[str, torch.Tensor]:
+    """One picture per resolution of an edit's active tiles (``SparseEngine.edit_tiles``): the
+    edit mask at that resolution in grey, the output tiles of the resolution's 3x3 convs (or its
+    busiest list) outlined in white. Keys ``"HxW"``."""
+    by_res: dict[tuple, list] = {}
+    for key, res, ts in tiles:
+        by_res.setdefault(tuple(res), []).append((key, ts))
+    out = {}
+    for (h, w), lists in by_res.items():
+        three = [x for x in lists if "|k3x3|s1x1|" in x[0]] or lists
+        _, ts = max(three, key=lambda kv: _active(kv[1]))
+        m = mask.float().reshape(1, 1, *mask.shape[-2:]).cpu()
+        m = torch.nn.functional.adaptive_max_pool2d(m, (h, w))[0, 0] > 0
+        out[f"{h}x{w}"] = tile_picture(m, ts, (h, w))
+    return out
+
+
+def _active(ts) -> int:
+    return int(ts.num_active.item()) if ts.num_active is not None else ts.capacity
+
+
 def tile_picture(mask: torch.Tensor, tiles, shape: tuple[int, int]) -> torch.Tensor:
     """One resolution's active tiles over its mask: grey mask, white tile outlines."""
     h, w = shape
     pic = torch.full((3, h, w), -1.0)
     pic[:, mask.cpu()] = 0.0
     th, tw = tiles.out_tile
-    n = int(tiles.num_active.item()) if tiles.num_active is not None else tiles.capacity
-    for y, x in tiles.out_corners[:n].tolist():
+    for y, x in tiles.out_corners[: _active(tiles)].tolist():
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + th, h), min(x + tw, w)
         if y0 < y1 and x0 < x1:
             pic[:, y0:y1, x0] = pic[:, y0:y1, x1 - 1] = 1.0

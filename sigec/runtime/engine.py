@@ -64,6 +64,19 @@ class SparseEngine(torch.nn.Module):
             self._dense_fn = fn
         return self._dense_fn
 
+    @torch.no_grad()
+    def dense(self, *args, **kwargs):
+        """The model on these inputs, run densely by the captured program: no slot or cache is
+        read or written (the reference an edit approximates). Same inputs and output as
+        ``record``."""
+        flat = self._flatten(args, kwargs)
+        return pytree.tree_unflatten(list(self.record_gm(*flat)), self.program.out_spec)
+
+    def cache_bytes(self) -> int:
+        """Bytes of every slot's caches and the one working set."""
+        live = self.live.nbytes() if self.live is not None else 0
+        return sum(state.nbytes() for state in self.slots.values()) + live
+
     def _set_program(self, program: Program) -> None:
         self._dense_fn = None
         self.program = program
@@ -303,6 +316,20 @@ class SparseEngine(torch.nn.Module):
                 cover[max(y, 0) : y + bh, max(x, 0) : x + bw] = True
             result.append(cover)
         return result
+
+    def edit_tiles(self, slot=0) -> tuple[torch.Tensor, list[tuple[str, tuple, TileSet]]]:
+        """The last edit of ``slot``: its mask (bool ``[1, H, W]`` at the image input's
+        resolution) and the tile lists it computed, as ``(key, (h, w) of the map it writes,
+        TileSet)``. No lists when the edit was empty or the dense model ran."""
+        last = self._last(slot)
+        if last is None:
+            raise NotRecordedError(f"slot {slot!r} has no edit yet: call engine.edit(...) first")
+        if last.tiles is None or last.empty or last.ran_dense:
+            return last.mask, []
+        res = {key: self.program.maps[name][0][-2:] for name, key in
+               self.program.map_tiles.items() if name in self.program.maps}  # fmt: skip
+        return last.mask, [(key, tuple(res[key]), ts) for key, ts in last.tiles.used().items()
+                           if key in res]  # fmt: skip
 
     def stats(self, slot=0) -> dict:
         """MACs, active fractions, cache sizes and graphs of the last edit of ``slot``.
