@@ -212,22 +212,36 @@ class SDEditor:
                   negative_prompt_embeds=run.embeds[1], steps=run.key[3], strength=run.key[4],
                   seed=run.key[5], commit=True)  # fmt: skip
 
-    def dense(self, image: torch.Tensor) -> torch.Tensor:
+    def dense(self, image: torch.Tensor, modules: dict | None = None) -> torch.Tensor:
         """The trajectory of the last ``generate``'s settings from ``image``, every call the dense
-        model (no cache touched): the reference an edit approximates."""
+        model (no cache touched): the reference an edit approximates. ``modules`` replaces a
+        part's dense program by a callable of the same inputs (``"unet"``: ``(x, t, **cond)``,
+        ``"encode"``: image -> latents, ``"decode"``: latents -> image), e.g. a
+        ``torch.compile``-d module as a baseline."""
         run = self._run
         if run is None:
             raise NotRecordedError("dense before generate: call editor.generate(image, ...) first")
+        calls = {part: (lambda *a, _p=part, **k: self._dense(_p, *a, **k))
+                 for part in ("unet", "encode", "decode")}  # fmt: skip
+        calls.update(modules or {})
         image = image.to(device=self.device, dtype=self.dtype)
-        latents = self._dense("encode", image) if self.vae is not None else image
-        x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
-        for t in self._steps(run.timesteps):
-            x = self._denoise(x, t, lambda *a, **k: self._dense("unet", *a, **k))
-        return self._dense("decode", x) if self.vae is not None else x
+        with torch.no_grad():
+            latents = calls["encode"](image) if self.vae is not None else image
+            x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
+            for t in self._steps(run.timesteps):
+                x = self._denoise(x, t, lambda *a, **k: _sample(calls["unet"](*a, **k)))
+            return _sample(calls["decode"](x)) if self.vae is not None else x
+
+    def encoder(self):
+        """The image -> latents module the editor compiles (None without a VAE)."""
+        return _Encode(self.vae) if self.vae is not None else None
+
+    def decoder(self):
+        """The latents -> image module the editor compiles (None without a VAE)."""
+        return _Decode(self.vae) if self.vae is not None else None
 
     def _dense(self, part: str, *args, **kwargs):
-        out = self.engines[part].dense(*args, **kwargs)
-        return out.sample if hasattr(out, "sample") else out
+        return _sample(self.engines[part].dense(*args, **kwargs))
 
     def cache_bytes(self) -> int:
         """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
@@ -257,8 +271,7 @@ class SDEditor:
               **kwargs):  # fmt: skip
         engine = self.engines.get(part)
         if engine is None:
-            module = {"unet": self.unet, "encode": _Encode(self.vae) if self.vae else None,
-                      "decode": _Decode(self.vae) if self.vae else None}[part]  # fmt: skip
+            module = {"unet": self.unet, "encode": self.encoder(), "decode": self.decoder()}[part]
             engine = self.engines[part] = sigec.compile(module, args, kwargs, config=self.config)
         if record:
             out = engine.record(*args, slot=slot, **kwargs)
@@ -268,7 +281,7 @@ class SDEditor:
                 observe(part if part != "unet" else f"unet step {slot}", engine, slot)
             if commit:
                 engine.commit(slot=slot)
-        return out.sample if hasattr(out, "sample") else out
+        return _sample(out)
 
     def _conditioning(self, prompt, embeds, negative):
         if prompt is not None:
@@ -306,3 +319,7 @@ def _digest(t) -> tuple | None:
         return None
     t = t.detach().float()
     return (tuple(t.shape), round(float(t.sum()), 4), round(float((t * t).sum()), 4))
+
+
+def _sample(out):
+    return out.sample if hasattr(out, "sample") else out
