@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=420,
                    help="skip the compiled baseline when this much time has passed")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke test)")
+    p.add_argument("--profile", metavar="TXT",
+                   help="cProfile one edit and one commit into this file")  # fmt: skip
     p.add_argument("--out", default="sdedit.json")
     args = p.parse_args()
     start = time.perf_counter()
@@ -111,6 +113,7 @@ def main() -> None:
             row["commit_s"], _ = _wall(editor.commit, dev)
             current = edited
         edits.append(row)
+        last_edit = edited
         res["edits"] = edits
         dump()
     res["edit_s"] = {"first": edits[0]["edit_s"], "p50": statistics.median(r["edit_s"] for r in
@@ -128,6 +131,23 @@ def main() -> None:
     if on_gpu:
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     dump()
+
+    if args.profile:  # where the host time of an edit and a commit goes
+        import cProfile
+        import io
+        import pstats
+
+        text = io.StringIO()
+        for name, fn in (("edit", lambda: editor.edit(last_edit, mask, **kw)),
+                         ("commit", editor.commit)):  # fmt: skip
+            prof = cProfile.Profile()
+            prof.enable()
+            _wall(fn, dev)
+            prof.disable()
+            text.write(f"==== {name}\n")
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        Path(args.profile).write_text(text.getvalue())
 
     # the strongest dense baseline: the pipeline's modules compiled (reduce-overhead)
     if args.no_compiled or time.perf_counter() - start > args.budget_s:

@@ -12,10 +12,12 @@ and the result decoded)::
 
 ``generate`` runs the trajectory densely and records every UNet call in a slot of its own (one
 per denoising step), and the VAE encoder and decoder in theirs. ``edit`` runs the same
-trajectory (same start noise, same timesteps) with every call incremental: each step's input
-differs from the recorded one only where the edit spread, so each step recomputes only there
-(its mask is that difference). In the exact policy the edited trajectory equals the dense one on
-the edited image; in the truncated policy it approximates it (measured: tests, docs/results.md).
+trajectory (same start noise, same timesteps) with every call incremental. In the truncated
+policy (SIGE's) every step and the decoder recompute one mask: the edited pixels (``mask``, or
+where the image differs from the original), dilated by ``mask_dilation`` and max-pooled to the
+latent; the trajectory outside it is the recorded one, an approximation of the dense trajectory
+(measured: tests, docs/results.md). In the exact policy each call's mask is the difference of
+its input, wherever the edit spread, and the edited trajectory equals the dense one.
 The engines share one working set, so a step's edit replaces the previous step's: ``commit``
 therefore runs the last edit once more, committing every step as it goes (or pass
 ``edit(..., commit=True)``). A changed prompt, strength, step count or seed raises
@@ -35,8 +37,9 @@ import torch
 
 import sigec
 from sigec.config import SparseConfig
-from sigec.errors import NotRecordedError, SigecError, TrajectoryChangedError
+from sigec.errors import MaskError, NotRecordedError, SigecError, TrajectoryChangedError
 from sigec.runtime.engine import SparseEngine
+from sigec.runtime.masks import difference_mask, dilate
 
 SIGE_SD = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 1}
 
@@ -50,10 +53,12 @@ class _Run:
     """What ``generate`` fixed: an edit must run the same trajectory."""
 
     key: tuple
-    timesteps: list
+    timesteps: list  # per step: the UNet's timestep input, [1] on the device
     noise: torch.Tensor
     cond: torch.Tensor | None  # [2 or 1, tokens, dim] encoder hidden states of the UNet call
     embeds: tuple  # (prompt_embeds, negative_prompt_embeds) as generate() got them
+    image: torch.Tensor  # the original (the committed edit): edits' masks are differences to it
+    steps_int: list  # per step: the timestep as an int (the scheduler's: no device sync)
 
 
 class _Encode(torch.nn.Module):
@@ -114,6 +119,8 @@ class SDEditor:
             self.device, self.dtype = param.device, param.dtype
         self.unet, self.vae = unet, vae.eval() if vae is not None else None
         self.scheduler = copy.deepcopy(scheduler)
+        if isinstance(unet, SparseEngine) and config is None:
+            config = unet.config  # the engine's policy decides how edits are masked
         self.config = config or SparseConfig(**SIGE_SD)
         self.steps, self.strength, self.guidance_scale = steps, strength, guidance_scale
         self.encode_prompt = encode_prompt
@@ -146,18 +153,20 @@ class SDEditor:
         strength = strength if strength is not None else self.strength
         self.scheduler.set_timesteps(steps)
         start = steps - min(steps, max(1, int(round(steps * strength))))
-        timesteps = [t.reshape(1).to(self.device) for t in self.scheduler.timesteps[start:]]
+        ints = [int(t) for t in self.scheduler.timesteps[start:]]
+        timesteps = [torch.tensor([t], device=self.device) for t in ints]
         image = image.to(device=self.device, dtype=self.dtype)
         latents = self._call("encode", image, record=True) if self.vae is not None else image
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=g).to(latents)
         key = (prompt, _digest(prompt_embeds), _digest(negative_prompt_embeds), steps, strength,
                seed)  # fmt: skip
-        self._run = _Run(key, timesteps, noise, cond, (prompt_embeds, negative_prompt_embeds))
+        self._run = _Run(key, timesteps, noise, cond, (prompt_embeds, negative_prompt_embeds),
+                         image, ints)  # fmt: skip
         self._last_edit = None
         x = self.scheduler.add_noise(latents, noise, timesteps[0])
         for i, t in enumerate(self._steps(timesteps)):
-            x = self._denoise(x, t, self._unet(i, record=True))
+            x = self._denoise(x, t, ints[i], self._unet(i, record=True))
         self._check_budget()
         return self._call("decode", x, record=True) if self.vae is not None else x
 
@@ -190,16 +199,47 @@ class SDEditor:
                 "another run; call editor.generate(...) with the new settings first"
             )
         edited = edited.to(device=self.device, dtype=self.dtype)
+        pixels, latent = self._masks(edited, mask)
         if self.vae is not None:
-            latents = self._call("encode", edited, mask=mask, commit=commit, observe=observe)
+            latents = self._call("encode", edited, mask=pixels, commit=commit, observe=observe)
         else:
             latents = edited
         x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
         for i, t in enumerate(self._steps(run.timesteps)):
-            x = self._denoise(x, t, self._unet(i, commit=commit, observe=observe))
-        out = self._call("decode", x, commit=commit, observe=observe) if self.vae else x
+            unet = self._unet(i, commit=commit, observe=observe, mask=latent)
+            x = self._denoise(x, t, run.steps_int[i], unet)
+        out = x
+        if self.vae is not None:
+            out = self._call("decode", x, commit=commit, observe=observe, mask=latent)
         self._last_edit = None if commit else (edited, mask)
+        if commit:
+            run.image = edited
         return out
+
+    def _masks(self, edited: torch.Tensor, mask):
+        """The encoder's mask (pixels) and every step's (latent pixels). Truncated policy: the
+        edit's pixels (``mask``, or where ``edited`` differs from the original), dilated by
+        ``mask_dilation``, and that mask max-pooled to the latent resolution for every step and
+        the decoder, as SIGE does: the trajectory is recomputed there and kept elsewhere. Exact
+        policy: None (each call's mask is the difference of its input, wherever it spread)."""
+        if self.config.mask_policy != "truncated":
+            return mask, None
+        if mask is None:
+            m = difference_mask(self._run.image, edited, self.config.mask_eps).any(0, keepdim=True)
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise MaskError("mask: expected a bool torch.Tensor [H, W] of the edited pixels")
+            if tuple(mask.shape[-2:]) != tuple(edited.shape[-2:]):
+                raise MaskError(f"mask: shape {tuple(mask.shape)}, but the image is "
+                                f"{tuple(edited.shape[-2:])}: pass the edited pixels at the "
+                                "image's size")  # fmt: skip
+            m = mask.to(edited.device).reshape(-1, *mask.shape[-2:]).any(0, keepdim=True)
+        pixels = dilate(m, self.config.mask_dilation)
+        if self.vae is None:
+            return pixels, pixels
+        latent_hw = self._run.noise.shape[-2:]
+        latent = torch.nn.functional.adaptive_max_pool2d(pixels[None].float(), latent_hw)[0] > 0
+        return pixels, latent
 
     def commit(self) -> None:
         """Make the last edit the original of the next (its trajectory runs once more, each
@@ -228,8 +268,8 @@ class SDEditor:
         with torch.no_grad():
             latents = calls["encode"](image) if self.vae is not None else image
             x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
-            for t in self._steps(run.timesteps):
-                x = self._denoise(x, t, lambda *a, **k: _sample(calls["unet"](*a, **k)))
+            for t, t_int in zip(self._steps(run.timesteps), run.steps_int, strict=True):
+                x = self._denoise(x, t, t_int, lambda *a, **k: _sample(calls["unet"](*a, **k)))
             return _sample(calls["decode"](x)) if self.vae is not None else x
 
     def encoder(self):
@@ -250,9 +290,9 @@ class SDEditor:
 
     # -- one call --------------------------------------------------------------------------------
 
-    def _denoise(self, x, t, unet):
-        """One scheduler step from ``x`` at ``t``; ``unet(x_in, t, **cond)`` runs the UNet (as
-        a recorded, an edited or the dense call)."""
+    def _denoise(self, x, t, t_int: int, unet):
+        """One scheduler step from ``x`` at ``t`` (the UNet's input; ``t_int`` the scheduler's);
+        ``unet(x_in, t, **cond)`` runs the UNet (as a recorded, an edited or the dense call)."""
         cond = self._run.cond
         guided = cond is not None and cond.shape[0] == 2
         inp = torch.cat([x, x]) if guided else x
@@ -261,11 +301,11 @@ class SDEditor:
         if guided:
             uncond, text = eps.chunk(2)
             eps = uncond + self.guidance_scale * (text - uncond)
-        return self.scheduler.step(eps, t.reshape(()), x).prev_sample
+        return self.scheduler.step(eps, t_int, x).prev_sample
 
-    def _unet(self, step: int, record=False, commit=False, observe=None):
+    def _unet(self, step: int, record=False, commit=False, observe=None, mask=None):
         return lambda *a, **k: self._call("unet", *a, slot=step, record=record, commit=commit,
-                                          observe=observe, **k)  # fmt: skip
+                                          observe=observe, mask=mask, **k)  # fmt: skip
 
     def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, observe=None,
               **kwargs):  # fmt: skip

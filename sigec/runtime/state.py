@@ -57,6 +57,8 @@ class SlotCache(_Buffers):
 
     def __init__(self):
         super().__init__()
+        self._flats: dict = {}  # packed: one tensor per dtype holding the keys below
+        self._flat_keys: list[str] = []
         self.map_names: list[str] = []  # maps with a cache (not the private ones)
         self.replaced_by: str | None = None  # its uncommitted edit was replaced by this slot's
         self.output_kinds: list = []  # per flat output: its index (a tensor) or its value
@@ -85,6 +87,66 @@ class SlotCache(_Buffers):
 
     def cache(self, name: str) -> torch.Tensor:
         return self._buffers[f"cache__{name}"]
+
+    def packed(self, keys: list[str]) -> dict | None:
+        """``keys``' buffers as flat tensors per dtype (packed now if they are not), or None if
+        the slot lacks one of them."""
+        if self._flat_keys != keys or not _packed(self, self._flats, keys):
+            if any(k not in self._buffers for k in keys):
+                return None
+            self._flats, self._flat_keys = pack(self, keys), list(keys)
+        return self._flats
+
+
+ALIGN = 256  # elements between packed buffers: every view keeps the allocator's alignment
+
+
+def pack(module: _Buffers, keys: list[str]) -> dict[torch.dtype, torch.Tensor]:
+    """Re-home the buffers ``keys`` into one flat tensor per dtype, in order (views with the
+    same shapes and strides; values copied), so that a full copy of them is one copy per dtype.
+    A module whose buffers are packed the same way (same shapes, strides, dtypes, order) has the
+    same flat layout."""
+    groups: dict[torch.dtype, list[str]] = {}
+    for k in keys:
+        groups.setdefault(module._buffers[k].dtype, []).append(k)
+    flats = {}
+    for dt, ks in groups.items():
+        bufs = [module._buffers[k] for k in ks]
+        sizes = [-(-_extent(b) // ALIGN) * ALIGN for b in bufs]
+        flat = torch.empty(sum(sizes), dtype=dt, device=bufs[0].device)
+        offset = 0
+        for k, b, n in zip(ks, bufs, sizes, strict=True):
+            view = flat.as_strided(b.shape, b.stride(), offset)
+            view.copy_(b)
+            module._buffers[k] = view
+            offset += n
+        flats[dt] = flat
+    module._pack_heads = [ks[0] for ks in groups.values()]
+    return flats
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements of storage a tensor's shape and strides span."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+
+
+def _packed(module: _Buffers, flats: dict, keys: list[str]) -> bool:
+    """Whether ``keys``' buffers are still views of ``flats`` (``to()`` replaces buffers)."""
+    if not flats or not keys:
+        return bool(flats) == bool(keys)
+    for k in getattr(module, "_pack_heads", ()):  # the first buffer of each dtype: cheap
+        b = module._buffers.get(k)
+        if b is None or b.dtype not in flats:
+            return False
+        if b.untyped_storage().data_ptr() != flats[b.dtype].untyped_storage().data_ptr():
+            return False
+    return True
+
+
+def _same_layout(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[d].shape == b[d].shape for d in a)
 
 
 class LiveState(_Buffers):
@@ -118,6 +180,8 @@ class LiveState(_Buffers):
         self.sources = sorted({m for m in self.norm_inputs.values() if m in first.map_names})
         for name in self.sources:
             self.register_buffer(f"livecache__{name}", first.cache(name).clone())
+        self._small = first.small_keys()
+        self._flats = pack(self, [f"work__{n}" for n in self.cached_maps] + self._small)
 
     def work(self, name: str) -> torch.Tensor:
         return self._buffers[f"work__{name}"]
@@ -136,14 +200,22 @@ class LiveState(_Buffers):
 
     def load(self, key: str, slot: SlotCache) -> None:
         """Make this the working set of ``slot``: every working map := its cache, every small
-        buffer := the slot's (a full copy, a few multi-tensor launches)."""
-        dst = [self.work(n) for n in self.cached_maps] + [self.cache(n) for n in self.sources]
-        src = [slot.cache(n) for n in self.cached_maps] + [slot.cache(n) for n in self.sources]
-        keys = self.small_keys()
-        dst += [self._buffers[k] for k in keys]
-        src += [slot._buffers[k] for k in keys]
-        if dst:
-            torch._foreach_copy_(dst, src)
+        buffer := the slot's. A full copy: one copy per dtype once both sides are packed (the
+        slot is packed on its first load), a multi-tensor copy otherwise."""
+        src_keys = [f"cache__{n}" for n in self.cached_maps] + self._small
+        dst_keys = [f"work__{n}" for n in self.cached_maps] + self._small
+        if not _packed(self, self._flats, dst_keys):
+            self._flats = pack(self, dst_keys)
+        flats = slot.packed(src_keys)
+        if flats is not None and _same_layout(flats, self._flats):
+            for dt, flat in flats.items():
+                self._flats[dt].copy_(flat)
+        else:  # the slot's buffers differ in layout (or are missing): tensor by tensor
+            torch._foreach_copy_([self._buffers[k] for k in dst_keys],
+                                 [slot._buffers[k] for k in src_keys])  # fmt: skip
+        if self.sources:
+            torch._foreach_copy_([self.cache(n) for n in self.sources],
+                                 [slot.cache(n) for n in self.sources])  # fmt: skip
         self.slot = key
 
     def work_bytes(self) -> int:

@@ -9,7 +9,7 @@ import sigec
 from sigec.models.configs import DDPM_TINY
 from sigec.models.sd import SD15_UNET_TINY, SD_VAE_TINY
 from sigec.pipelines import CacheBudgetError, SDEditor
-from sigec.runtime.masks import blob_mask
+from sigec.runtime.masks import blob_mask, difference_mask, dilate
 
 BLOCKS = {"3x3": 4, "1x1": 4, "pointwise": 4}
 EXACT = sigec.SparseConfig(mask_policy="exact", block_size=BLOCKS, cost_model=False)
@@ -64,6 +64,12 @@ def test_truncated_sdedit_stays_close_and_computes_less():
     assert _psnr(got, dense) > 25  # measured 30-40 dB on this tiny random model
     stats = editor.engines["unet"].stats(slot=len(editor._run.timesteps) - 1)
     assert stats["sparse_macs"] < stats["dense_macs"]
+    # SIGE's SDEdit: one mask (the edit, dilated) for every step, not each step's difference
+    masks = []
+    editor.edit(edited, seed=3, observe=lambda name, e, slot: masks.append(e.edit_tiles(slot)[0]))
+    assert len(masks) == len(editor._run.timesteps)
+    want = dilate(difference_mask(img, edited).any(0, keepdim=True), TRUNC.mask_dilation)
+    assert all(torch.equal(m.cpu(), want) for m in masks)
 
 
 def test_stable_diffusion_with_vae_and_guidance_matches_the_dense_run():
