@@ -35,3 +35,12 @@ __all__ = [
     "load",
     "save",
 ]
+
+
+def __getattr__(name: str):
+    """``sigec.pipelines`` on first use (the editing workflows import diffusers only when run)."""
+    if name == "pipelines":
+        import importlib
+
+        return importlib.import_module("sigec.pipelines")
+    raise AttributeError(f"module 'sigec' has no attribute {name!r}")
