@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--image", required=True, help="the original (a label map: index picture)")
     how = edit.add_mutually_exclusive_group(required=True)
     how.add_argument("--edited", help="the edited picture (the mask: where it differs)")
-    how.add_argument("--mask", help="a mask picture: paint it with --colour (or --label)")
+    how.add_argument("--mask", help="a mask picture: paint it with --colour (or --label; an "
+                     "inpainting UNet regenerates it)")  # fmt: skip
     edit.add_argument("--colour", type=int, nargs=3, default=(255, 40, 40), metavar=("R", "G", "B"),
                       help="the paint of --mask (default 255 40 40)")  # fmt: skip
     edit.add_argument("--label", type=int, help="the class --mask paints (label maps)")
@@ -265,6 +266,8 @@ def _cmd_edit(args) -> int:
                 if args.label is None:
                     raise sigec.MaskError("a label map's --mask needs --label: the class to paint")
                 edited = workflow.LabelMapEditor.relabel(original, mask, args.label)
+            elif flow.kind == "sdedit" and flow.editor.inpainting:
+                edited = original  # an inpainting UNet regenerates the masked region
             else:
                 edited = images.paint(original, mask, tuple(args.colour))
         dev = flow.device()

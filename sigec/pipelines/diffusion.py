@@ -59,6 +59,7 @@ class _Run:
     embeds: tuple  # (prompt_embeds, negative_prompt_embeds) as generate() got them
     image: torch.Tensor  # the original (the committed edit): edits' masks are differences to it
     steps_int: list  # per step: the timestep as an int (the scheduler's: no device sync)
+    inpaint: torch.Tensor | None = None  # inpainting: bool [H, W], the region regenerated
 
 
 class _Encode(torch.nn.Module):
@@ -145,9 +146,11 @@ class SDEditor:
 
     def generate(self, image: torch.Tensor, prompt: str | None = None, *, prompt_embeds=None,
                  negative_prompt_embeds=None, strength: float | None = None,
-                 steps: int | None = None, seed: int = 0) -> torch.Tensor:  # fmt: skip
+                 steps: int | None = None, seed: int = 0,
+                 inpaint: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Run the SDEdit trajectory densely from ``image`` ([1, 3, H, W] in [-1, 1]) and record
-        every call; returns the generated image."""
+        every call; returns the generated image. ``inpaint`` (an inpainting UNet, 9 input
+        channels): bool ``[H, W]``, the region to regenerate (default none)."""
         cond = self._conditioning(prompt, prompt_embeds, negative_prompt_embeds)
         steps = steps or self.steps
         strength = strength if strength is not None else self.strength
@@ -162,22 +165,28 @@ class SDEditor:
         key = (prompt, _digest(prompt_embeds), _digest(negative_prompt_embeds), steps, strength,
                seed)  # fmt: skip
         self._run = _Run(key, timesteps, noise, cond, (prompt_embeds, negative_prompt_embeds),
-                         image, ints)  # fmt: skip
+                         image, ints, self._region(inpaint, image))  # fmt: skip
         self._last_edit = None
+        extra = self._inpaint_channels(
+            image, self._run.inpaint, lambda m: self._call("encode", m, slot=1, record=True)
+        )
         x = self.scheduler.add_noise(latents, noise, timesteps[0])
         for i, t in enumerate(self._steps(timesteps)):
-            x = self._denoise(x, t, ints[i], self._unet(i, record=True))
+            x = self._denoise(x, t, ints[i], self._unet(i, record=True), extra)
         self._check_budget()
         return self._call("decode", x, record=True) if self.vae is not None else x
 
     def edit(self, edited: torch.Tensor, mask: torch.Tensor | None = None, *, prompt=None,
              prompt_embeds=None, negative_prompt_embeds=None, strength=None, steps=None,
-             seed: int = 0, commit: bool = False, observe=None) -> torch.Tensor:  # fmt: skip
+             seed: int = 0, commit: bool = False, observe=None,
+             inpaint: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The trajectory of ``generate`` from the edited image, every call incremental.
 
         Args:
             edited: the edited image, like ``generate``'s.
             mask: optional bool ``[H, W]`` of the edited pixels (default: where it differs).
+            inpaint: an inpainting UNet's region to regenerate (bool ``[H, W]``; default none);
+                where it differs from the recorded region is recomputed too.
             prompt, prompt_embeds, ..., seed: must be ``generate``'s (they fix the trajectory).
             commit: make each step's edit its new original as it goes.
             observe: called as ``observe(name, engine, slot)`` after each call's edit (while
@@ -199,24 +208,69 @@ class SDEditor:
                 "another run; call editor.generate(...) with the new settings first"
             )
         edited = edited.to(device=self.device, dtype=self.dtype)
-        pixels, latent = self._masks(edited, mask)
+        region = self._region(inpaint, edited)
+        pixels, latent = self._masks(edited, mask, region)
         if self.vae is not None:
             latents = self._call("encode", edited, mask=pixels, commit=commit, observe=observe)
         else:
             latents = edited
+        extra = self._inpaint_channels(edited, region, lambda m: self._call(
+            "encode", m, slot=1, mask=pixels, commit=commit, observe=observe))  # fmt: skip
         x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
         for i, t in enumerate(self._steps(run.timesteps)):
             unet = self._unet(i, commit=commit, observe=observe, mask=latent)
-            x = self._denoise(x, t, run.steps_int[i], unet)
+            x = self._denoise(x, t, run.steps_int[i], unet, extra)
         out = x
         if self.vae is not None:
             out = self._call("decode", x, commit=commit, observe=observe, mask=latent)
-        self._last_edit = None if commit else (edited, mask)
+        self._last_edit = None if commit else (edited, mask, inpaint)
         if commit:
-            run.image = edited
+            run.image, run.inpaint = edited, region
         return out
 
-    def _masks(self, edited: torch.Tensor, mask):
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: latents, the region's mask and the masked image's latents in."""
+        if "unet" in self.engines:
+            prog = self.engines["unet"].program
+            channels = prog.example_meta[prog.input_kinds.index("spatial")][0][1]
+        elif isinstance(self.unet, SparseEngine):
+            prog = self.unet.program
+            channels = prog.example_meta[prog.input_kinds.index("spatial")][0][1]
+        else:
+            channels = self.unet.config.in_channels
+        return channels == 9
+
+    def _region(self, inpaint, image) -> torch.Tensor | None:
+        """The inpainting region as bool ``[H, W]`` on the device (all False when not given)."""
+        if not self.inpainting:
+            if inpaint is not None:
+                raise MaskError("inpaint=: this UNet is not an inpainting UNet (9 input "
+                                "channels); edit the image instead")  # fmt: skip
+            return None
+        if self.vae is None:
+            raise ValueError("an inpainting UNet needs its VAE (vae=...)")
+        h, w = image.shape[-2:]
+        if inpaint is None:
+            return torch.zeros(h, w, dtype=torch.bool, device=self.device)
+        if not isinstance(inpaint, torch.Tensor) or inpaint.dtype != torch.bool or tuple(
+                inpaint.shape[-2:]) != (h, w):  # fmt: skip
+            raise MaskError(f"inpaint: expected a bool tensor [{h}, {w}] (the image's size), got "
+                            f"{getattr(inpaint, 'shape', type(inpaint).__name__)}")  # fmt: skip
+        return inpaint.to(self.device).reshape(-1, h, w).any(0)
+
+    def _inpaint_channels(self, image, region, encode) -> torch.Tensor | None:
+        """An inpainting UNet's extra input: the region at the latent size and the latents of the
+        image outside it (``encode(masked image)``; as diffusers' inpainting pipeline makes
+        them), or None."""
+        if region is None:
+            return None
+        latents = encode(image * (~region).to(image.dtype))
+        small = torch.nn.functional.interpolate(region[None, None].to(image.dtype),
+                                                size=latents.shape[-2:])  # fmt: skip
+        return torch.cat([small.expand(latents.shape[0], 1, -1, -1), latents], dim=1)
+
+    def _masks(self, edited: torch.Tensor, mask, region=None):
         """The encoder's mask (pixels) and every step's (latent pixels). Truncated policy: the
         edit's pixels (``mask``, or where ``edited`` differs from the original), dilated by
         ``mask_dilation``, and that mask max-pooled to the latent resolution for every step and
@@ -234,6 +288,8 @@ class SDEditor:
                                 f"{tuple(edited.shape[-2:])}: pass the edited pixels at the "
                                 "image's size")  # fmt: skip
             m = mask.to(edited.device).reshape(-1, *mask.shape[-2:]).any(0, keepdim=True)
+        if region is not None:  # a changed inpainting region is an edit too
+            m = m | (region != self._run.inpaint)[None]
         pixels = dilate(m, self.config.mask_dilation)
         if self.vae is None:
             return pixels, pixels
@@ -246,18 +302,19 @@ class SDEditor:
         step committed: the steps share one working set)."""
         if self._last_edit is None:
             return
-        edited, mask = self._last_edit
+        edited, mask, inpaint = self._last_edit
         run = self._run
         self.edit(edited, mask, prompt=run.key[0], prompt_embeds=run.embeds[0],
                   negative_prompt_embeds=run.embeds[1], steps=run.key[3], strength=run.key[4],
-                  seed=run.key[5], commit=True)  # fmt: skip
+                  seed=run.key[5], commit=True, inpaint=inpaint)  # fmt: skip
 
-    def dense(self, image: torch.Tensor, modules: dict | None = None) -> torch.Tensor:
+    def dense(self, image: torch.Tensor, modules: dict | None = None,
+              inpaint: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The trajectory of the last ``generate``'s settings from ``image``, every call the dense
         model (no cache touched): the reference an edit approximates. ``modules`` replaces a
         part's dense program by a callable of the same inputs (``"unet"``: ``(x, t, **cond)``,
         ``"encode"``: image -> latents, ``"decode"``: latents -> image), e.g. a
-        ``torch.compile``-d module as a baseline."""
+        ``torch.compile``-d module as a baseline. ``inpaint``: an inpainting UNet's region."""
         run = self._run
         if run is None:
             raise NotRecordedError("dense before generate: call editor.generate(image, ...) first")
@@ -267,9 +324,11 @@ class SDEditor:
         image = image.to(device=self.device, dtype=self.dtype)
         with torch.no_grad():
             latents = calls["encode"](image) if self.vae is not None else image
+            extra = self._inpaint_channels(image, self._region(inpaint, image), calls["encode"])
             x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
             for t, t_int in zip(self._steps(run.timesteps), run.steps_int, strict=True):
-                x = self._denoise(x, t, t_int, lambda *a, **k: _sample(calls["unet"](*a, **k)))
+                unet = lambda *a, **k: _sample(calls["unet"](*a, **k))  # noqa: E731
+                x = self._denoise(x, t, t_int, unet, extra)
             return _sample(calls["decode"](x)) if self.vae is not None else x
 
     def encoder(self):
@@ -290,12 +349,15 @@ class SDEditor:
 
     # -- one call --------------------------------------------------------------------------------
 
-    def _denoise(self, x, t, t_int: int, unet):
+    def _denoise(self, x, t, t_int: int, unet, extra=None):
         """One scheduler step from ``x`` at ``t`` (the UNet's input; ``t_int`` the scheduler's);
-        ``unet(x_in, t, **cond)`` runs the UNet (as a recorded, an edited or the dense call)."""
+        ``unet(x_in, t, **cond)`` runs the UNet (as a recorded, an edited or the dense call);
+        ``extra``: channels appended to its input (inpainting)."""
         cond = self._run.cond
         guided = cond is not None and cond.shape[0] == 2
         inp = torch.cat([x, x]) if guided else x
+        if extra is not None:
+            inp = torch.cat([inp, extra.expand(inp.shape[0], -1, -1, -1)], dim=1)
         kwargs = {"encoder_hidden_states": cond} if cond is not None else {}
         eps = unet(inp, t, **kwargs)
         if guided:

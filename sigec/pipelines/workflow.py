@@ -52,16 +52,22 @@ class SDEditFlow:
     def describe(self) -> str:
         e = self.editor
         space = "latent (VAE)" if e.vae is not None else "pixel"
-        return f"SDEdit, {e.steps} steps at strength {e.strength}, {space} space"
+        what = "inpainting" if e.inpainting else "SDEdit"
+        return f"{what}, {e.steps} steps at strength {e.strength}, {space} space"
 
     def generate(self, x):
         return self.editor.generate(x, **self.run_args)
 
     def edit(self, x, mask=None, observe=None):
+        """An inpainting UNet: ``mask`` is the region to regenerate (the original was generated
+        with none); otherwise the edited pixels."""
+        if self.editor.inpainting:
+            self.region = mask
+            return self.editor.edit(x, None, observe=observe, inpaint=mask, **self.run_args)
         return self.editor.edit(x, mask, observe=observe, **self.run_args)
 
     def dense(self, x):
-        return self.editor.dense(x)
+        return self.editor.dense(x, inpaint=getattr(self, "region", None))
 
     def commit(self):
         self.editor.commit()
