@@ -47,6 +47,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _trajectory_arguments(parser, steps: int) -> None:
+    """What the SDEdit workflows of ``demo`` and ``edit`` share, and the overwrite switch."""
+    parser.add_argument("--steps", type=_positive, default=steps,
+                        help=f"SDEdit steps (default {steps})")  # fmt: skip
+    parser.add_argument("--strength", type=_fraction, default=0.5,
+                        help="SDEdit strength: the share of the trajectory (0.5)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace pictures in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sigec.models.configs import MODELS
 
@@ -73,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", metavar="DIR",
                       help="folder for the pictures (default: a new ./sigec-demo*)")  # fmt: skip
-    demo.add_argument("--steps", type=_positive, default=10, help="SDEdit steps (default 10)")
-    demo.add_argument("--strength", type=_fraction, default=0.5, help="SDEdit strength")
-    demo.add_argument("--force", action="store_true", help="replace pictures in --out")
+    _trajectory_arguments(demo, steps=10)
     edit = sub.add_parser(
         "edit",
         help="edit an image file with an engine file or a diffusers folder; write the pictures",
@@ -102,12 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--check-dense", action="store_true",
                       help="also run the dense model on the edited input (dense.png, "
                       "error.png, PSNR)")  # fmt: skip
-    edit.add_argument("--steps", type=_positive, default=20, help="SDEdit steps (default 20)")
-    edit.add_argument("--strength", type=_fraction, default=0.5, help="SDEdit strength (0.5)")
     edit.add_argument("--seed", type=int, default=0, help="SDEdit noise seed")
     edit.add_argument("--prompt", help="text prompt (a pipeline folder with a text encoder)")
     edit.add_argument("--device", help="where to run (default: the engine's)")
-    edit.add_argument("--force", action="store_true", help="replace pictures in --out")
+    _trajectory_arguments(edit, steps=20)
     conv = sub.add_parser(
         "convert",
         help="compile a checkpoint (diffusers folder, or state dict + --config) to an engine file",
