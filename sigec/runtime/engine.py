@@ -52,6 +52,7 @@ class SparseEngine(torch.nn.Module):
         self.live: LiveState | None = None
         self.path: EditPath | None = None
         self._warmup_in_edit = False
+        self.meta: dict = {}  # what the engine is, for tools: {"model", "workflow"} (saved)
 
     def dense_callable(self):
         """The dense model as the cost model runs it: the captured graph, compiled by inductor

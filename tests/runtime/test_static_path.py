@@ -176,3 +176,20 @@ def test_warm_up_runs_at_the_first_record_or_else_the_first_edit():
     engine2.record(x, t)
     report = engine2.stats()["warmup"]
     assert not report["ran_in_first_edit"] and len(report["choice"]) == len(engine2.path.classes)
+
+
+def test_the_static_path_matches_the_eager_path_on_an_attention_unet():
+    """Self- and cross-attention on padded tile lists: the static edit is the eager one (both
+    without the cost model, which would send the eager edit to the dense model by MACs)."""
+    from sigec.models.configs import MODELS, build
+
+    model, args, kwargs = build("sd15-unet-tiny", seed=0)
+    base = dict(MODELS["sd15-unet-tiny"].sige_config)
+    eager, static = (sigec.compile(model, args, kwargs, config=sigec.SparseConfig(
+        **base, cuda_graphs=g, cost_model=False)) for g in (False, True))  # fmt: skip
+    for e in (eager, static):
+        e.record(*args, **kwargs)
+    x = args[0]
+    xe = apply_edit(x, edit_masks(*x.shape[-2:])["blob"], seed=0)
+    want = eager.edit(xe, *args[1:], **kwargs).sample
+    torch.testing.assert_close(static.edit(xe, *args[1:], **kwargs).sample, want, **CLOSE)
