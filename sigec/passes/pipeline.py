@@ -10,13 +10,13 @@ import logging
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 
 from sigec.config import SparseConfig
 from sigec.errors import CaptureError
-from sigec.passes import rewrite as rw
+from sigec.passes import base, convs, folds, tile_ops
 from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
 from sigec.passes.capture import Captured, capture
+from sigec.passes.macs import count_macs
 from sigec.passes.regions import group_dense_regions
 from sigec.passes.tokens import tokens_to_maps
 from sigec.runtime import ops
@@ -25,25 +25,27 @@ from sigec.runtime.program import MacEntry, Program
 log = logging.getLogger("sigec.passes")
 
 PIPELINE = (
-    rw.add_runtime_inputs,  # state / tiles placeholders: every later pass may use them
+    base.add_runtime_inputs,  # state / tiles placeholders: every later pass may use them
     tokens_to_maps,  # token regions -> ops on maps; first, so every pass below sees only maps
-    rw.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
-    rw.cache_statics,  # subgraphs of non-image inputs -> values cached at record
-    rw.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
-    rw.eliminate_common_subexpressions,  # repeated pure ops (after identities made them equal)
-    rw.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs so prologues see them
-    rw.fold_biases,  # affine(x + temb) -> affine'(x): after fold_norms, before prologue fusion
-    rw.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
-    rw.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
-    rw.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
-    rw.fuse_concats,  # conv(cat(a, b)) gathers a and b; after fuse_prologues saw the affine
-    rw.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add
-    rw.eliminate_dead_code,  # fused-away activations and norms, before they get working maps
-    rw.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
-    rw.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
-    rw.eliminate_dead_code,  # drops the subgraphs the passes above made unused
-    rw.hoist_invariants,  # arithmetic on cached values -> computed once at record
-    group_dense_regions,  # last: what is still plain ATen runs dense; runs -> compiled regions
+    folds.fold_constants,  # weight-only subgraphs -> buffers, so they are not cached per slot
+    folds.cache_statics,  # subgraphs of non-image inputs -> values cached at record
+    folds.remove_identities,  # eval dropout, clones: before fusions, which look through nothing
+    folds.eliminate_common_subexpressions,  # repeated pure ops (after identities made them equal)
+    folds.fold_norms,  # norms -> affine(x, scale, shift); before rewrite_convs: prologues see them
+    folds.fold_biases,  # affine(x + temb) -> affine'(x): after fold_norms, before prologue fusion
+    convs.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
+    convs.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
+    convs.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
+    convs.fuse_concats,  # conv(cat(a, b)) gathers a and b; after fuse_prologues saw the affine
+    convs.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add
+    base.eliminate_dead_code,  # fused-away activations and norms, before they get working maps
+    tile_ops.rewrite_tile_ops,  # remaining sparse pointwise ops -> tile_op
+    tile_ops.rewrite_upsamples,  # integer nearest upsampling -> tile_upsample
+    base.eliminate_dead_code,  # drops the subgraphs the passes above made unused
+    folds.hoist_invariants,  # arithmetic on cached values -> computed once at record
+    group_dense_regions,  # what is still plain ATen runs dense; runs -> compiled regions
+    tile_ops.mark_private_maps,  # maps read only at their producer's tiles: no cache, no restore
+    tile_ops.pass_tiles,  # last: private maps between tile ops -> tile batches, no map at all
 )
 
 
@@ -88,10 +90,10 @@ def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> 
     analyze_roles(record_gm, kinds)
     analyze_ops(record_gm, config)
     rules = mask_rules(record_gm) if config.mask_policy == "exact" else ()
-    macs = rw.count_macs(record_gm, config)
+    macs = count_macs(record_gm, config)
 
     edit_gm = _copy_graph_module(record_gm)
-    ctx = rw.PassContext(config)
+    ctx = base.PassContext(config)
     for pass_fn in passes:
         result = pass_fn(edit_gm, ctx)
         if log.isEnabledFor(logging.DEBUG):
@@ -127,10 +129,7 @@ def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> 
         if info(n).role == "dependent" and info(n).mode == "dense" and info(n).reason
     )
     ctx.bump("dense_fallbacks", len(fallbacks))
-    private = _private_maps(edit_gm, ctx)
-    ctx.bump("private_maps", len(private))
-    passed = pass_tiles(edit_gm, private, ctx) if config.pass_tiles else frozenset()
-    ctx.bump("tiles_passed", len(passed))
+    private, passed = ctx.private_maps, ctx.passed_maps
     spatial_inputs = [v for v, k in zip(cap.flat_inputs, kinds, strict=True) if k == "spatial"]
     example_meta = [
         (tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else v
@@ -167,73 +166,3 @@ def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> 
         private_maps=private,
         policy=config.mask_policy,
     )
-
-
-def _private_maps(edit_gm: torch.fx.GraphModule, ctx) -> frozenset[str]:
-    """Maps that are only ever read at the tiles their producer writes in the same edit.
-
-    Every user gathers the map through the very tile list that wrote it (token-wise ops and the
-    queries of attention at one resolution share the pointwise tile list): values outside those
-    tiles are never read, so the map needs no cache and no restore. Outputs, maps read in full
-    (keys/values, dense ops, convs with halos or other tiles) and incremental norms' inputs keep
-    theirs.
-    """
-    norm_inputs = {nf.input for nf in ctx.norms if nf.incremental}
-    private = set()
-    for node in edit_gm.graph.nodes:
-        if node.target not in (ops.tile_op, ops.sparse_attention, ops.sparse_conv2d,
-                               ops.tile_upsample):  # fmt: skip
-            continue
-        name, key = node.kwargs["name"], node.kwargs["tile_key"]
-        if name not in ctx.maps or name in norm_inputs or not node.users:
-            continue
-        if all(_reads_only_tiles(u, node, key) for u in node.users):
-            private.add(name)
-    return frozenset(private)
-
-
-def pass_tiles(edit_gm: torch.fx.GraphModule, private: frozenset, ctx) -> frozenset[str]:
-    """Scatter -> gather fusion on one tile list: a private map whose producer is a ``tile_op`` or
-    ``sparse_attention`` and whose readers all are too (they gather it at the same tiles) is never
-    built. The producer returns its tile batch (``as_tiles``) and each reader takes it as its
-    operand (flag ``ops.TILES``, or ``q_tiles``): per map one scatter and one gather per reader
-    fewer, and no working map. Inside a transformer block: the LayerNorm outputs, queries and
-    attention outputs. Returns the maps it removed."""
-    passing = (ops.tile_op, ops.sparse_attention)
-    passed = set()
-    for node in edit_gm.graph.nodes:
-        if node.op != "call_function" or node.target not in passing:
-            continue
-        name = node.kwargs["name"]
-        if name not in private or not all(u.target in passing for u in node.users):
-            continue
-        n = ctx.maps[name][0][0]
-        node.kwargs = {**node.kwargs, "as_tiles": ctx.maps[name][1], "batch": n}
-        for user in list(node.users):
-            if user.target is ops.sparse_attention:  # private: the producer is its queries only
-                user.kwargs = {**user.kwargs, "q_tiles": True, "batch": n}
-                continue
-            state, tiles, fn, args, kwargs, flags = user.args
-            marks, spec = pytree.tree_flatten(flags)
-            leaves = pytree.tree_leaves((args, kwargs))
-            marks = [ops.TILES if a is node else f for a, f in zip(leaves, marks, strict=True)]
-            user.args = (state, tiles, fn, args, kwargs, pytree.tree_unflatten(marks, spec))
-            user.kwargs = {**user.kwargs, "batch": n}
-        passed.add(name)
-    edit_gm.graph.lint()
-    edit_gm.recompile()
-    return frozenset(passed)
-
-
-def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str) -> bool:
-    if user.op != "call_function" or user.kwargs.get("tile_key") != key:
-        return False
-    if user.target is ops.sparse_attention:  # the queries only (keys/values are read in full)
-        return user.args[2] is producer and producer not in user.args[3:5]
-    if user.target is ops.tile_op:  # gathered operands, all at the user's tiles
-        _, _, _, args, kwargs, flags = user.args
-        leaves = pytree.tree_leaves((args, kwargs))
-        marks = pytree.tree_leaves(flags)
-        uses = [m for a, m in zip(leaves, marks, strict=True) if a is producer]
-        return bool(uses) and all(uses) and producer not in pytree.tree_leaves(user.kwargs)
-    return False

@@ -101,7 +101,8 @@ def _extract(gm: torch.fx.GraphModule, run: list[torch.fx.Node], index: int, com
 
 def group_dense_regions(gm: torch.fx.GraphModule, ctx):
     """Runs of dense ATen ops -> ``DenseRegion`` submodules (inductor-compiled on CUDA)."""
-    from sigec.passes.rewrite import BUFFER_READS, PassResult
+    from sigec.passes.base import PassResult
+    from sigec.passes.folds import BUFFER_READS
 
     _hoist_reads(gm, BUFFER_READS)
     gm.graph.lint()

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from sigec.passes.analysis import info, same_shape, set_info
-from sigec.passes.rewrite import PassContext, PassResult, _dead_code, _finish
+from sigec.passes.base import PassContext, PassResult, dead_code, finish
 from sigec.runtime import ops
 
 aten = torch.ops.aten
@@ -95,9 +95,9 @@ def tokens_to_maps(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 conv.meta.update(node.meta)
                 set_info(conv, op="dense", mode="dense", spatial=False)
             user.replace_input_with(node, conv)
-    _dead_code(gm)
+    dead_code(gm)
     ctx.bump("token_ops_mapped", changed)
-    return _finish(gm, "tokens_to_maps", changed)
+    return finish(gm, "tokens_to_maps", changed)
 
 
 def _channels(node: torch.fx.Node) -> int:

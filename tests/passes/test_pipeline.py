@@ -10,13 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sigec
-from sigec.passes import rewrite as rw
+from sigec.passes import base, convs, folds
 from sigec.passes.pipeline import PIPELINE, build_program
-from sigec.passes.summary import SUMMARY_MODELS, summary_of
 from sigec.runtime import ops
 from sigec.runtime.engine import SparseEngine
 from tests.masks_for_tests import apply_edit, edit_masks
 from tests.nets import ConvNet, GroupNormNet, TokenNet, init_bn
+from tests.passes.summary import SUMMARY_MODELS, summary_of
 
 EXACT = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
 TRUNC = sigec.SparseConfig(block_size={"3x3": 4, "1x1": 4, "pointwise": 4})
@@ -126,10 +126,10 @@ def test_negative_cases_where_rewrites_must_not_fire():
 @pytest.mark.parametrize(
     "pass_fn, counter",
     [
-        (rw.fold_biases, "biases_folded"),
-        (rw.fuse_prologues, "prologues_fused"),
-        (rw.fuse_residuals, "residuals_fused"),
-        (rw.hoist_invariants, "invariants_hoisted"),
+        (folds.fold_biases, "biases_folded"),
+        (convs.fuse_prologues, "prologues_fused"),
+        (convs.fuse_residuals, "residuals_fused"),
+        (folds.hoist_invariants, "invariants_hoisted"),
     ],
 )
 def test_truncated_fusions_do_not_change_the_result(pass_fn, counter):
@@ -159,7 +159,7 @@ def test_concat_fusion_only_for_channels_and_keeps_the_result():
     torch.manual_seed(0)
     model, args = init_bn(ConvNet()), (torch.randn(1, 3, 16, 18),)
     xe = apply_edit(args[0], edit_masks(16, 18)["blob"])
-    outs = _with_and_without(rw.fuse_concats, model, args, (xe,), "concats_fused")
+    outs = _with_and_without(convs.fuse_concats, model, args, (xe,), "concats_fused")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
@@ -239,7 +239,7 @@ SUMMARIES = Path(__file__).parent / "summaries"
 @pytest.mark.parametrize("name", SUMMARY_MODELS)
 def test_graph_summary_matches_the_checked_in_one(name):
     """A pass change that alters this fails until the summary is regenerated on purpose:
-    python -m sigec.passes.summary --write tests/passes/summaries"""
+    python -m tests.passes.summary --write tests/passes/summaries"""
     want = json.loads((SUMMARIES / f"{name}.json").read_text())
     got = json.loads(json.dumps(summary_of(name)))
     assert got == want
@@ -278,7 +278,7 @@ def test_dense_regions_group_the_dense_part_and_keep_the_result():
         assert (len(regions) > 0) == (passes is PIPELINE)
         for region in regions:
             targets = {n.target for n in region.ops()}
-            assert not targets & set(rw.RUNTIME_MAP_OPS)  # only stateless dense work
+            assert not targets & set(base.RUNTIME_MAP_OPS)  # only stateless dense work
             assert torch.ops.aten.group_norm.default in targets or len(region.ops()) >= 4
     assert torch.equal(outs[0], outs[1])
 
@@ -333,8 +333,8 @@ def test_common_subexpressions_are_merged_but_not_random_ops():
     x = torch.randn(1, 3, 16, 16)
     gm = capture(_Repeats().eval(), (x,), {}).gm
     before = gm(x)[0]
-    ctx = rw.PassContext(TRUNC)
-    result = rw.eliminate_common_subexpressions(gm, ctx)
+    ctx = base.PassContext(TRUNC)
+    result = folds.eliminate_common_subexpressions(gm, ctx)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.aten.upsample_nearest2d.vec) == 1
     assert targets.count(torch.ops.aten.conv2d.default) == 1

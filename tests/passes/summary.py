@@ -1,6 +1,6 @@
 """A compact, stable summary of a compiled model's edit graph, for CI regression files.
 
-``python -m sigec.passes.summary --write tests/passes/summaries`` regenerates the checked-in
+``python -m tests.passes.summary --write tests/passes/summaries`` regenerates the checked-in
 summaries of the tiny named configs after an intended change to the passes.
 """
 
