@@ -1,7 +1,10 @@
-"""Analysis passes: classify every node; never mutate the graph.
+"""Analysis: the role, layout and resolution of every node; never mutates the graph.
 
-Each pass writes one frozen ``NodeInfo`` per node under ``node.meta["sigec"]`` (replacing the
-previous one with ``dataclasses.replace``). Errors name the node.
+``analyze_roles`` writes one frozen ``NodeInfo`` per node under ``node.meta["sigec"]`` (later
+analyses replace it with ``dataclasses.replace`` through ``set_info``): which nodes derive from
+an image (maps, in map or token layout), which are weights, constants or statics. The op class
+and execution mode come next (``classify.py``), the exact policy's mask rules after
+(``mask_rules.py``). Errors name the node.
 """
 
 from __future__ import annotations
@@ -13,47 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sigec.config import SparseConfig
 from sigec.passes.layouts import VIEW_OPS, Layout, Prober, match_attention
-from sigec.runtime.program import MaskRule
+from sigec.passes.op_tables import (
+    ATTENTION_CORE_OPS,
+    CHUNK_OPS,
+    MAP_DTYPES,
+    POINTWISE_OPS,
+    value_of,
+)
 
 aten = torch.ops.aten
-
-# --- op tables: which ATen ops sigec knows how to run on tiles --------------------
-
-CONV_OPS = {aten.conv2d.default, aten.convolution.default, aten.conv_transpose2d.input}
-
-# Activations the gather prologue can fuse: op -> (name, slope argument index or None).
-ACTIVATION_OPS = {
-    aten.silu.default: ("silu", None),
-    aten.relu.default: ("relu", None),
-    aten.leaky_relu.default: ("leaky_relu", 1),
-    aten.gelu.default: ("gelu", None),
-}
-
-# Ops whose output pixel depends only on the same pixel of their inputs (run on tiles).
-POINTWISE_OPS = {
-    *ACTIVATION_OPS,
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
-    aten.add.Scalar, aten.sub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.rsub.Scalar,
-    aten.neg.default, aten.sigmoid.default, aten.tanh.default, aten.exp.default,
-    aten.pow.Tensor_Scalar, aten.clamp.default, aten.hardtanh.default, aten.abs.default,
-    aten.clone.default, aten.contiguous.default, aten.alias.default,
-    aten.to.dtype, aten._to_copy.default, aten.dropout.default,
-    aten.silu_.default, aten.relu_.default,
-}  # fmt: skip
-
-UPSAMPLE_OPS = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
-PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
-NORM_OPS = {aten.group_norm.default, aten.batch_norm.default, aten.instance_norm.default}
-SIDE_EFFECT_OPS = {aten._assert_tensor_metadata.default}
-ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-# VIEW_OPS (data movement) live in sigec.passes.layouts, which finds what layout a view's result
-# has: a 4-D result is a map only if it holds the map in map layout ([B, heads, tokens, dim] never).
-MATMUL_OPS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default}
-ATTENTION_CORE_OPS = {aten.scaled_dot_product_attention.default, aten.bmm.default}
-CHUNK_OPS = {aten.chunk.default}
-LINEAR_OPS = {aten.linear.default, aten.addmm.default}
 
 
 @dataclass(frozen=True)
@@ -96,14 +68,6 @@ def set_info(node: torch.fx.Node, **changes) -> None:
     node.meta["sigec"] = dataclasses.replace(info(node), **changes)
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
-# dtypes the tile kernels hold maps in (float64 runs on the CPU reference only)
-MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _is_map(val) -> bool:
     """A 4-D tensor of a floating dtype the tile kernels take; a bool mask (``h > 0``), an
     integer or a complex (``torch.fft``) 4-D tensor is not a map and runs dense."""
@@ -113,9 +77,6 @@ def _is_map(val) -> bool:
 def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Node arguments of ``node`` (flattened), in order, without duplicates."""
     return list(dict.fromkeys(node.all_input_nodes))
-
-
-# --- pass 1: roles ------------------------------------------------------------
 
 
 def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
@@ -143,7 +104,7 @@ def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
                 role = "static"
             else:
                 role = "const"
-        val = _val(node)
+        val = value_of(node)
         lay = None
         if role == "input" and _is_map(val):
             lay = Layout("map", int(val.shape[0]), int(val.shape[1]), _res(val))
@@ -158,7 +119,8 @@ def analyze_roles(gm: torch.fx.GraphModule, input_kinds: list[str]) -> None:
         )  # fmt: skip
         if role == "dependent" and node.target in ATTENTION_CORE_OPS:
             m = match_attention(node, is_view, is_identity, _source_test(lays))
-            if m is not None and _val(m.k).shape[0] == _val(m.q).shape[0] == _val(m.v).shape[0]:
+            batch = {value_of(t).shape[0] for t in (m.q, m.k, m.v)} if m is not None else ()
+            if m is not None and len(batch) == 1:
                 attention_outs[m.out] = m
                 m.out.meta["sigec_attention"] = {
                     "q": m.q.name, "k": m.k.name, "v": m.v.name, "heads": m.heads,
@@ -200,7 +162,7 @@ def is_identity(node: torch.fx.Node) -> bool:
     if t == aten.dropout.default:  # dropout(x, p, train)
         return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
     if t in (aten.to.dtype, aten._to_copy.default):
-        src, out = _val(node.args[0]), _val(node)
+        src, out = value_of(node.args[0]), value_of(node)
         return (
             src is not None and out is not None and src.dtype == out.dtype
             and src.device == out.device and not node.kwargs.get("memory_format")
@@ -265,7 +227,8 @@ def _token_op_layout(node, val, lay: Layout, lays) -> Layout | None:
         out = lay
     elif t in POINTWISE_OPS:
         for a in node.all_input_nodes:
-            if a not in lays and not _per_channel(_val(a), lay) and not same_shape(a, lay.shape()):
+            fits = _per_channel(value_of(a), lay) or same_shape(a, lay.shape())
+            if a not in lays and not fits:
                 return None
         out = lay.with_channels(int(val.shape[cdim])) if isinstance(val, torch.Tensor) else None
     else:
@@ -280,7 +243,7 @@ def same_shape(a: torch.fx.Node, shape) -> bool:
     pointwise op, in a dtype tiles hold: it is read pixel for pixel like a map (a VQ quantizer's
     codes, reshaped to the latent's shape). Its changed region is unknown: the exact policy's
     mask rule for the op is "full"."""
-    v = _val(a)
+    v = value_of(a)
     return (isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape)
             and v.dtype in MAP_DTYPES)  # fmt: skip
 
@@ -301,276 +264,3 @@ def _per_channel(v, lay: Layout) -> bool:
     c = dims[cdim]
     dims[cdim] = 1
     return c in (1, lay.channels) and all(d == 1 for d in dims)
-
-
-# --- pass 2: op classes and execution modes ----------------------------------------
-
-
-def _conv_params(node: torch.fx.Node):
-    """(weight node, bias, stride, padding, dilation, groups) of a conv node, or None if not 2-D."""
-    a = list(node.args) + [None] * 9
-    if node.target == aten.convolution.default:
-        x, w, b, stride, padding, dilation, transposed, _, groups = a[:9]
-        if transposed:
-            return None
-    else:
-        x, w, b = a[:3]
-        stride = node.kwargs.get("stride", a[3] if a[3] is not None else [1, 1])
-        padding = node.kwargs.get("padding", a[4] if a[4] is not None else [0, 0])
-        dilation = node.kwargs.get("dilation", a[5] if a[5] is not None else [1, 1])
-        groups = node.kwargs.get("groups", a[6] if a[6] is not None else 1)
-    if isinstance(padding, str):
-        return None  # "same"/"valid" string padding: not rewritten
-    pair = lambda v: (int(v[0]), int(v[-1])) if isinstance(v, list | tuple) else (int(v), int(v))
-    return w, b, pair(stride), pair(padding), pair(dilation), int(groups)
-
-
-def conv_params(node: torch.fx.Node):
-    return _conv_params(node)
-
-
-def transposed_params(node: torch.fx.Node):
-    """(weight, bias, stride, padding, output_padding, dilation, groups) of a 2-D transposed
-    conv node, or None."""
-    a = list(node.args) + [None] * 9
-    pair = lambda v, d: (
-        (d, d)
-        if v is None
-        # noqa: E731
-        else ((int(v[0]), int(v[-1])) if isinstance(v, list | tuple) else (int(v), int(v)))
-    )
-    if node.target == aten.conv_transpose2d.input:
-        _, w, b, stride, padding, out_pad, groups, dilation = a[:8]
-    elif node.target == aten.convolution.default and a[6]:
-        _, w, b, stride, padding, dilation, _, out_pad, groups = a[:9]
-    else:
-        return None
-    if w is None or len(w.meta["val"].shape) != 4:
-        return None
-    return (w, b, pair(stride, 1), pair(padding, 0), pair(out_pad, 0), pair(dilation, 1),
-            int(groups) if groups is not None else 1)  # fmt: skip
-
-
-PAD_MODE_NAMES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate"}
-_PAD_TARGETS = {aten.reflection_pad2d.default: "reflect",
-                aten.replication_pad2d.default: "replicate"}  # fmt: skip
-
-
-def pad_spec(node: torch.fx.Node) -> tuple[str, tuple[int, int, int, int]] | None:
-    """``(mode, (left, right, top, bottom))`` of a non-negative 2-D pad that a conv can read
-    through (mode "zeros" for a constant-zero pad, "reflect", "replicate"), else None."""
-    if node.target in _PAD_TARGETS:
-        mode, pads, value = _PAD_TARGETS[node.target], list(node.args[1]), 0
-    elif node.target in PAD_OPS:
-        pads = list(node.args[1])
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        if node.target == aten.constant_pad_nd.default:
-            mode, value = "constant", node.args[2] if len(node.args) > 2 else 0
-        if mode not in PAD_MODE_NAMES or (mode == "constant" and value not in (None, 0, 0.0)):
-            return None
-        mode = PAD_MODE_NAMES[mode]
-    else:
-        return None
-    if len(pads) > 4 or min(pads) < 0:
-        return None
-    pads = pads + [0] * (4 - len(pads))
-    return mode, tuple(int(p) for p in pads)
-
-
-def instance_stats(node: torch.fx.Node) -> bool:
-    """An instance norm normalising by its input's statistics (not running ones)."""
-    return node.target == aten.instance_norm.default and bool(node.args[5])
-
-
-def upsample_factor(node: torch.fx.Node) -> int | None:
-    """Integer nearest-upsampling factor (same on both axes), or None."""
-    x = node.args[0]
-    vin, vout = _val(x), _val(node)
-    if vin is None or vout is None:
-        return None
-    (hi, wi), (ho, wo) = vin.shape[-2:], vout.shape[-2:]
-    if ho % hi or wo % wi or ho // hi != wo // wi or ho <= hi:
-        return None
-    return ho // hi
-
-
-def _operands_fit_tiles(node: torch.fx.Node, res) -> str:
-    """'' when every tensor operand is a map at ``res`` or broadcasts per sample; else why not."""
-    for a in node.all_input_nodes:
-        v = _val(a)
-        if not isinstance(v, torch.Tensor):
-            continue
-        if info(a).spatial:
-            if tuple(v.shape[-2:]) != res:
-                return f"operand {a.name} is at another resolution {tuple(v.shape[-2:])}"
-        elif same_shape(a, _val(node).shape):  # read pixel for pixel, like a map
-            continue
-        elif v.dim() == 4 and v.dtype not in MAP_DTYPES and tuple(v.shape[-2:]) == res:
-            return f"operand {a.name} is a {v.dtype} map (tiles hold floating maps)"
-        elif (v.dim() >= 2 and tuple(v.shape[-2:]) != (1, 1)) or (v.dim() < 2 and v.numel() > 1):
-            return f"operand {a.name} of shape {tuple(v.shape)} does not broadcast per pixel"
-    return ""
-
-
-def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
-    """Op class and execution mode of every dependent node, with the reason for dense ones."""
-    exact = config.mask_policy == "exact"
-    for node in gm.graph.nodes:
-        ni = info(node)
-        if ni.role == "const":
-            set_info(node, mode="const")
-            continue
-        if ni.role == "static":
-            set_info(node, mode="cached")
-            continue
-        if ni.role == "input":
-            set_info(node, op="input")
-            continue
-        if ni.role != "dependent" or node.op != "call_function":
-            continue
-        target = node.target
-        if target in SIDE_EFFECT_OPS:
-            set_info(node, op="side_effect", mode="dense")
-            continue
-        if "sigec_attention_part" in node.meta:  # replaced with its attention core
-            set_info(node, op="attention_part", mode="fold")
-            continue
-        if not ni.spatial and not ni.layout:
-            set_info(node, op="dense", mode="dense", reason=_non_map_reason(node))
-            continue
-        res = ni.resolution
-        op, mode, reason = "dense", "dense", f"unsupported op {target}: runs dense"
-        if "sigec_attention" in node.meta:  # the merged heads of a recognised attention core
-            op, mode, reason = "attention", "sparse", ""
-        elif is_view(node):  # the same map (in some layout): nothing to compute
-            op, mode, reason = "view", "fold", ""
-        elif ni.layout and target in CHUNK_OPS:
-            op, mode, reason = "chunk", "fold", ""
-        elif ni.layout and target in (aten.layer_norm.default, aten.linear.default,
-                                      operator.getitem, *POINTWISE_OPS):  # fmt: skip
-            op, mode, reason = "tokenwise", "sparse", ""
-        elif ni.layout and target == aten.group_norm.default:  # on [B, C, H*W]: a map's norm
-            op = "norm"
-            if exact:
-                reason = "group_norm statistics span the whole map (exact policy): runs dense"
-            else:
-                mode, reason = "fold", ""
-        elif target in CONV_OPS:
-            op = "conv"
-            p = _conv_params(node) or transposed_params(node)
-            if p is None:
-                reason = "string-padded or non-2-D convolution: runs dense"
-            elif info(p[0]).role in ("dependent", "input"):
-                reason = "convolution weights depend on an image input: runs dense"
-            elif not info(node.args[0]).spatial:
-                reason = "convolution input is not a map: runs dense"
-            else:
-                mode, reason = "sparse", ""
-        elif target in POINTWISE_OPS or target == aten.cat.default:
-            op = "cat" if target == aten.cat.default else "pointwise"
-            why = _operands_fit_tiles(node, res)
-            if op == "cat" and (node.args[1] if len(node.args) > 1 else 0) not in (1, -3):
-                why = "concatenation along a dimension other than channels"
-            mode, reason = ("dense", f"{why}: runs dense") if why else ("sparse", "")
-        elif target in NORM_OPS:
-            op = "norm"
-            if target == aten.batch_norm.default and node.args[5]:
-                reason = "batch_norm in training mode: runs dense (call model.eval() first)"
-            elif exact and (target == aten.group_norm.default or instance_stats(node)):
-                reason = (f"{str(target).split('.')[1]} statistics span the whole map (exact "
-                          "policy): runs dense")  # fmt: skip
-            else:
-                mode, reason = "fold", ""
-        elif pad_spec(node) is not None:  # a conv reads through it (zeros, reflect, replicate)
-            op, mode = "pad", "fold"
-            reason = ""
-        elif target in UPSAMPLE_OPS:
-            f = upsample_factor(node)
-            if f is not None and config.block_size["pointwise"] % f == 0:
-                op, mode, reason = "upsample", "sparse", ""
-            else:
-                op = "resample"
-                reason = "nearest resampling by a non-integer or downsampling factor: runs dense"
-        if (
-            mode != "dense"
-            and op not in ("view", "chunk")
-            and min(res) < config.sparse_min_resolution
-        ):
-            mode = "dense"
-            reason = (
-                f"resolution {res[0]}x{res[1]} is below sparse_min_resolution "
-                f"{config.sparse_min_resolution}: runs dense"
-            )
-        set_info(node, op=op, mode=mode, reason=reason)
-
-
-def _non_map_reason(node: torch.fx.Node) -> str:
-    val = _val(node)
-    if isinstance(val, torch.Tensor) and val.dim() == 4 and val.dtype not in MAP_DTYPES:
-        return (
-            f"{node.target} gives a 4-D {val.dtype} tensor: tiles hold floating maps "
-            f"({', '.join(str(d).removeprefix('torch.') for d in MAP_DTYPES)}): runs dense"
-        )
-    if node.target in ATTENTION_OPS or node.target in MATMUL_OPS:
-        return (
-            "attention / matmul over tokens outside a recognised attention core (with a mask, "
-            "causal, or a non-standard head split), or on tensors that are not maps: runs dense"
-        )
-    return f"{node.target} on a non-map tensor derived from an image: runs dense"
-
-
-# --- pass 3: mask rules (exact policy) ----------------------------------------
-
-
-def mask_rules(gm: torch.fx.GraphModule):
-    """How each dependent node's changed region follows from its inputs', in graph order.
-
-    Rules follow op semantics, not the execution mode: a conv that runs dense still changes only
-    its inputs' receptive field. Unknown ops and normalisations with recomputed statistics are
-    global ("full").
-    """
-    rules = []
-    for node in gm.graph.nodes:
-        ni = info(node)
-        if ni.role == "input":
-            rules.append(MaskRule(node.name, "input"))
-            continue
-        if ni.role != "dependent" or node.op != "call_function":
-            continue
-        srcs = tuple(a.name for a in node.all_input_nodes if info(a).role in ("input", "dependent"))
-        map_srcs = tuple(
-            a.name for a in node.all_input_nodes
-            if (info(a).spatial or info(a).layout) and info(a).role != "param"
-        )  # fmt: skip
-        region = ni.spatial or bool(ni.layout)
-        rule = MaskRule(node.name, "full", srcs)
-        if ni.spatial and ni.op == "conv" and transposed_params(node) is not None:
-            _, _, stride, padding, out_pad, dilation, _ = transposed_params(node)
-            kh, kw = node.args[1].meta["val"].shape[-2:]
-            if info(node.args[0]).spatial:
-                rule = MaskRule(node.name, "conv_transpose", (node.args[0].name,),
-                                (int(kh), int(kw)), stride, padding, dilation=dilation,
-                                output_padding=out_pad)  # fmt: skip
-        elif ni.spatial and ni.op == "conv" and conv_params(node) is not None:
-            _, _, stride, padding, dilation, _ = conv_params(node)
-            kh, kw = node.args[1].meta["val"].shape[-2:]
-            kernel = (dilation[0] * (int(kh) - 1) + 1, dilation[1] * (int(kw) - 1) + 1)
-            if info(node.args[0]).spatial:
-                rule = MaskRule(node.name, "conv", (node.args[0].name,), kernel, stride, padding)
-        elif ni.spatial and ni.op in ("pointwise", "cat") and len(map_srcs) == len(srcs):
-            if not _operands_fit_tiles(node, ni.resolution):
-                rule = MaskRule(node.name, "union", map_srcs)
-        elif region and ni.op in ("view", "tokenwise", "chunk") and len(map_srcs) == len(srcs):
-            rule = MaskRule(node.name, "union", map_srcs)
-        elif region and ni.op == "norm" and ni.mode == "fold":
-            rule = MaskRule(node.name, "union", map_srcs)
-        elif ni.spatial and ni.op == "upsample":
-            rule = MaskRule(node.name, "upsample", map_srcs, factor=upsample_factor(node))
-        elif ni.spatial and ni.op == "resample" and len(map_srcs) == 1:
-            rule = MaskRule(node.name, "resample", map_srcs, size=ni.resolution)
-        elif ni.spatial and ni.op == "pad" and len(map_srcs) == 1:
-            mode, pads = pad_spec(node)
-            rule = MaskRule(node.name, "pad", map_srcs, pads=pads, pad_mode=mode)
-        rules.append(rule)
-    return tuple(rules)

@@ -10,14 +10,9 @@ import math
 import torch
 import torch.fx
 
-from sigec.passes.analysis import (
-    ACTIVATION_OPS,
-    conv_params,
-    info,
-    pad_spec,
-    transposed_params,
-)
+from sigec.passes.analysis import info
 from sigec.passes.base import PassContext, PassResult, finish, orig_name, replace_with
+from sigec.passes.op_tables import ACTIVATION_OPS, conv_params, pad_spec, transposed_params
 from sigec.runtime import ops
 from sigec.runtime.program import (
     transposed_crop,

@@ -14,12 +14,7 @@ import operator
 import torch
 import torch.fx
 
-from sigec.passes.analysis import (
-    info,
-    instance_stats,
-    is_identity,
-    set_info,
-)
+from sigec.passes.analysis import info, is_identity, set_info
 from sigec.passes.base import (
     RUNTIME_MAP_OPS,
     PassContext,
@@ -30,6 +25,7 @@ from sigec.passes.base import (
     orig_name,
     replace_with,
 )
+from sigec.passes.op_tables import instance_stats
 from sigec.runtime import ops
 from sigec.runtime.program import (
     NormFold,

@@ -9,9 +9,7 @@ import torch
 import torch.fx
 
 from sigec.config import SparseConfig
-from sigec.passes.analysis import (
-    info,
-)
+from sigec.passes.analysis import info
 from sigec.runtime.program import (
     MacEntry,
 )

@@ -14,9 +14,11 @@ import torch.fx
 from sigec.config import SparseConfig
 from sigec.errors import CaptureError
 from sigec.passes import base, convs, folds, tile_ops
-from sigec.passes.analysis import analyze_ops, analyze_roles, info, mask_rules
+from sigec.passes.analysis import analyze_roles, info
 from sigec.passes.capture import Captured, capture
+from sigec.passes.classify import analyze_ops
 from sigec.passes.macs import count_macs
+from sigec.passes.mask_rules import mask_rules
 from sigec.passes.regions import group_dense_regions
 from sigec.passes.tokens import tokens_to_maps
 from sigec.runtime import ops

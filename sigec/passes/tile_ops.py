@@ -9,11 +9,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from sigec.passes.analysis import (
-    info,
-    same_shape,
-    upsample_factor,
-)
+from sigec.passes.analysis import info, same_shape
 from sigec.passes.base import (
     RUNTIME_MAP_OPS,
     PassContext,
@@ -22,6 +18,7 @@ from sigec.passes.base import (
     orig_name,
     replace_with,
 )
+from sigec.passes.op_tables import upsample_factor
 from sigec.runtime import ops
 
 aten = torch.ops.aten

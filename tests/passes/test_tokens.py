@@ -6,8 +6,9 @@ import torch
 
 import sigec
 from sigec.models.configs import build
-from sigec.passes.analysis import analyze_ops, analyze_roles, info
+from sigec.passes.analysis import analyze_roles, info
 from sigec.passes.capture import capture
+from sigec.passes.classify import analyze_ops
 from sigec.passes.pipeline import classify_inputs
 from tests.masks_for_tests import apply_edit, edit_masks
 from tests.nets import TokenNet
