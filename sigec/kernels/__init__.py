@@ -6,13 +6,14 @@ Importing this package registers ``torch.ops.sigec.gather``, ``torch.ops.sigec.s
 
 from sigec.kernels._common import ACTIVATIONS
 from sigec.kernels.conv import tile_conv, tile_conv_reference, tile_conv_triton
-from sigec.kernels.gather import gather, gather_reference, gather_triton
+from sigec.kernels.gather import gather, gather_parts, gather_reference, gather_triton
 from sigec.kernels.restore import restore, restore_reference, restore_triton
 from sigec.kernels.scatter import scatter, scatter_reference, scatter_triton
 
 __all__ = [
     "ACTIVATIONS",
     "gather",
+    "gather_parts",
     "gather_reference",
     "gather_triton",
     "restore",

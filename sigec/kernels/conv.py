@@ -49,7 +49,7 @@ from sigec.kernels._common import (
     check_tile_size,
     reject_float64,
 )
-from sigec.kernels.gather import _activate, _remap, gather_reference
+from sigec.kernels.gather import _activate, _remap, gather_parts, gather_reference
 from sigec.kernels.scatter import scatter_reference
 
 
@@ -213,15 +213,8 @@ def tile_conv_reference(
     """gather -> ``F.conv2d`` -> scatter: the definition of correctness and the CPU path."""
     in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
     in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
-    batches, offset = [], 0
-    for part in parts:
-        c = part.shape[1]
-        sc = scale[:, offset : offset + c] if scale is not None else None
-        sh = shift[:, offset : offset + c] if shift is not None else None
-        batches.append(gather_reference(part, in_corners, in_h, in_w, sc, sh, activation, slope,
-                                        False, num_active, pad_mode=pad_mode))  # fmt: skip
-        offset += c
-    batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
+    batch = gather_parts(gather_reference, parts, in_corners, in_h, in_w, scale, shift,
+                         activation, slope, num_active, pad_mode)  # fmt: skip
     y = F.conv2d(batch, weight, bias, tuple(stride), 0, tuple(dilation))
     scatter_reference(out, y.contiguous(), out_corners, residual, num_active)
 

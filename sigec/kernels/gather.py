@@ -308,3 +308,22 @@ def _gather_fake(
     n, c = x.shape[:2]
     return torch.empty((n * corners.shape[0], c, tile_h, tile_w), device=x.device, dtype=x.dtype,
                        memory_format=_memory_format(x))  # fmt: skip
+
+
+def gather_parts(gather_fn, parts: list[torch.Tensor], corners: torch.Tensor, tile_h: int,
+                 tile_w: int, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                 activation: str, slope: float, num_active: torch.Tensor | None,
+                 pad_mode: str = "zeros") -> torch.Tensor:  # fmt: skip
+    """The tile batch of the channel concatenation of ``parts`` (which is never built): each part
+    gathered with its channels' slice of the folded norm's ``scale`` / ``shift``, the batches
+    concatenated. ``gather_fn`` is ``gather`` (the runtime's cuDNN conv path) or
+    ``gather_reference`` (the conv reference): one definition of the per-part gather for both."""
+    batches, offset = [], 0
+    for part in parts:
+        c = part.shape[1]
+        sc = scale[:, offset : offset + c] if scale is not None else None
+        sh = shift[:, offset : offset + c] if shift is not None else None
+        batches.append(gather_fn(part, corners, tile_h, tile_w, sc, sh, activation, slope, False,
+                                 num_active, check_values=False, pad_mode=pad_mode))  # fmt: skip
+        offset += c
+    return batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)

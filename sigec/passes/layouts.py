@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from sigec.runtime.ops import LAYOUTS, map_to_layout
+from sigec.runtime.layouts import LAYOUTS, map_to_layout
 
 aten = torch.ops.aten
 
@@ -41,7 +41,7 @@ SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int}
 class Layout:
     """How a tensor holds a map of ``channels`` channels at ``res`` for ``batch`` samples."""
 
-    kind: str  # one of sigec.runtime.ops.LAYOUTS
+    kind: str  # one of sigec.runtime.layouts.LAYOUTS
     batch: int
     channels: int
     res: tuple[int, int]

@@ -10,6 +10,7 @@ import torch.fx
 
 from sigec.config import SparseConfig
 from sigec.passes.analysis import info
+from sigec.runtime import ops
 from sigec.runtime.program import (
     MacEntry,
 )
@@ -104,3 +105,32 @@ def _attention_macs(gm, node, dense: int, mode: str) -> MacEntry:
     res = info(out).resolution
     queries = int(out.meta["val"].shape[0]) * res[0] * res[1]
     return MacEntry(node.name, "attention", res, dense, mode, dense // queries)
+
+
+def macs_on_tiles(macs: tuple[MacEntry, ...], edit_gm: torch.fx.GraphModule,
+                  ctx) -> tuple[MacEntry, ...]:  # fmt: skip
+    """``count_macs``'s entries with the edit graph's tile lists: an op the passes put on tiles
+    (a sparse conv, a token-wise linear, an attention core) is "sparse" and names its tile list
+    (and, for a transposed conv, its MACs per tile); the others stay dense. The ``Program``
+    keeps these; ``runtime.cost.executed`` prices an edit from them."""
+    conv_tiles = {
+        n.meta["sigec_conv"]: n.kwargs["tile_key"]
+        for n in edit_gm.graph.nodes
+        if n.target is ops.sparse_conv2d
+    }
+    conv_tiles.update(ctx.op_tiles)  # token-wise linears and attention cores on tiles
+    return tuple(
+        MacEntry(
+            e.node,
+            e.op,
+            e.resolution,
+            e.dense,
+            "sparse",
+            e.per_pixel,
+            conv_tiles[e.node],
+            ctx.tile_macs.get(e.node, 0),
+        )  # fmt: skip
+        if e.node in conv_tiles and (e.per_pixel or e.node in ctx.tile_macs)
+        else e
+        for e in macs
+    )

@@ -17,12 +17,11 @@ from sigec.passes import base, convs, folds, tile_ops
 from sigec.passes.analysis import analyze_roles, info
 from sigec.passes.capture import Captured, capture
 from sigec.passes.classify import analyze_ops
-from sigec.passes.macs import count_macs
+from sigec.passes.macs import count_macs, macs_on_tiles
 from sigec.passes.mask_rules import mask_rules
 from sigec.passes.regions import group_dense_regions
 from sigec.passes.tokens import tokens_to_maps
-from sigec.runtime import ops
-from sigec.runtime.program import MacEntry, Program
+from sigec.runtime.program import Program
 
 log = logging.getLogger("sigec.passes")
 
@@ -101,27 +100,7 @@ def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> 
         if log.isEnabledFor(logging.DEBUG):
             log.debug("after %s (%d changes):\n%s", result.name, result.changed, edit_gm.graph)
 
-    conv_tiles = {
-        n.meta["sigec_conv"]: n.kwargs["tile_key"]
-        for n in edit_gm.graph.nodes
-        if n.target is ops.sparse_conv2d
-    }
-    conv_tiles.update(ctx.op_tiles)  # token-wise linears and attention cores on tiles
-    macs = tuple(
-        MacEntry(
-            e.node,
-            e.op,
-            e.resolution,
-            e.dense,
-            "sparse",
-            e.per_pixel,
-            conv_tiles[e.node],
-            ctx.tile_macs.get(e.node, 0),
-        )  # fmt: skip
-        if e.node in conv_tiles and (e.per_pixel or e.node in ctx.tile_macs)
-        else e
-        for e in macs
-    )
+    macs = macs_on_tiles(macs, edit_gm, ctx)
     nodes = list(record_gm.graph.nodes)
     node_res = {n.name: info(n).resolution for n in nodes if info(n).resolution is not None}
     layouts = {n.name: (info(n).layout, info(n).resolution) for n in nodes if info(n).layout}

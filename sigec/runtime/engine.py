@@ -28,8 +28,8 @@ from sigec.errors import InputMismatchError, MaskError, NotRecordedError
 from sigec.runtime import cost, ops
 from sigec.runtime.edit_path import EagerPath, EditPath
 from sigec.runtime.inputs import flatten_call
+from sigec.runtime.layouts import layout_to_map
 from sigec.runtime.masks import TileSet, difference_mask, dilate
-from sigec.runtime.ops import layout_to_map
 from sigec.runtime.program import Program
 from sigec.runtime.state import LiveState, SlotCache
 from sigec.runtime.static_path import StaticPath

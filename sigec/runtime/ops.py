@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from sigec.kernels import gather, scatter, tile_conv
+from sigec.kernels import gather, gather_parts, scatter, tile_conv
 from sigec.runtime.dense import CompiledOrEager
+from sigec.runtime.layouts import LAYOUTS, layout_to_map, map_to_layout  # noqa: F401 (edit graphs)
 
 
 def cached(state, name: str) -> torch.Tensor:
@@ -133,16 +134,8 @@ def sparse_conv2d(
                   ts.num_active, check_values=False, pad_mode=pad_mode)  # fmt: skip
         state.note_written(name, ts)
         return out
-    batches, offset = [], 0
-    for part in parts:
-        c = part.shape[1]
-        sc = scale[:, offset : offset + c] if scale is not None else None
-        sh = shift[:, offset : offset + c] if shift is not None else None
-        batches.append(gather(part, ts.in_corners, ts.in_tile[0], ts.in_tile[1], sc, sh, act,
-                              slope, False, ts.num_active, check_values=False,
-                              pad_mode=pad_mode))  # fmt: skip
-        offset += c
-    batch = batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)
+    batch = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act, slope,
+                         ts.num_active, pad_mode)  # fmt: skip
     if transposed is not None:  # the window's transposed conv, cut to the output tile
         ph, pw, oh, ow = transposed
         y = F.conv_transpose2d(batch, weight, None, stride, (ph, pw), 0, groups, dilation)
@@ -251,32 +244,6 @@ def tile_upsample(state, tiles, x: torch.Tensor, factor: int, *, name: str, tile
 # A token tensor [B, H*W, C] is a map [B, C, H, W] in another layout: token n is pixel
 # (n // W, n % W). The passes rewrite token-wise ops to the functions below, which take and return
 # maps (or tile batches: every one of them is per pixel, except attention's keys and values).
-
-LAYOUTS = ("map", "tokens", "flat", "nhwc")
-
-
-def map_to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """A map ``[B, C, H, W]`` as "tokens" ``[B, H*W, C]``, "flat" ``[B, C, H*W]`` or "nhwc"."""
-    b, c, h, w = x.shape
-    if layout == "tokens":
-        return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    if layout == "flat":
-        return x.reshape(b, c, h * w)
-    if layout == "nhwc":
-        return x.permute(0, 2, 3, 1)
-    return x
-
-
-def layout_to_map(t: torch.Tensor, layout: str, res: tuple[int, int]) -> torch.Tensor:
-    """Inverse of ``map_to_layout``: token layouts come back as channels-last maps (no copy)."""
-    h, w = res
-    if layout == "tokens":
-        return t.reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
-    if layout == "flat":
-        return t.reshape(t.shape[0], t.shape[1], h, w)
-    if layout == "nhwc":
-        return t.permute(0, 3, 1, 2)
-    return t
 
 
 def channel_operand(t: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ class Program:
     counters: dict[str, int] = field(default_factory=dict)
     policy: str = "truncated"
     # captured token-region nodes (maps in another layout): name -> (layout, (H, W)); their
-    # recorded values are converted to maps (sigec.runtime.ops.layout_to_map)
+    # recorded values are converted to maps (sigec.runtime.layouts.layout_to_map)
     layouts: dict[str, tuple[str, Resolution]] = field(default_factory=dict)
     # maps only read at the tiles their producer writes in the same edit: no cache, no restore
     private_maps: frozenset[str] = frozenset()
