@@ -77,10 +77,20 @@ class PassResult:
     changed: int
 
 
-def finish(gm: torch.fx.GraphModule, name: str, changed: int) -> PassResult:
+def finish(gm: torch.fx.GraphModule, name: str, changed: int, ctx: PassContext | None = None,
+           counter: str | None = None) -> PassResult:  # fmt: skip
+    """End a pass: lint and recompile ``gm``; ``ctx.counters[counter] += changed`` if given."""
+    if counter is not None:
+        ctx.bump(counter, changed)
     gm.graph.lint()
     gm.recompile()
     return PassResult(name, changed)
+
+
+def sparse_nodes(gm: torch.fx.GraphModule, op: str) -> list[torch.fx.Node]:
+    """The calls of op class ``op`` that run sparse, as a list (passes replace them as they go)."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and info(n).op == op
+            and info(n).mode == "sparse"]  # fmt: skip
 
 
 def replace_with(gm: torch.fx.GraphModule, node: torch.fx.Node, target, args, kwargs=None):

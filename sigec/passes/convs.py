@@ -11,7 +11,14 @@ import torch
 import torch.fx
 
 from sigec.passes.analysis import info
-from sigec.passes.base import PassContext, PassResult, finish, orig_name, replace_with
+from sigec.passes.base import (
+    PassContext,
+    PassResult,
+    finish,
+    orig_name,
+    replace_with,
+    sparse_nodes,
+)
 from sigec.passes.op_tables import ACTIVATION_OPS, conv_params, pad_spec, transposed_params
 from sigec.runtime import ops
 from sigec.runtime.program import (
@@ -25,10 +32,8 @@ aten = torch.ops.aten
 def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Every sparse conv -> ``sparse_conv2d`` (gather -> conv on tiles -> scatter)."""
     changed = 0
-    for node in list(gm.graph.nodes):
+    for node in sparse_nodes(gm, "conv"):
         ni = info(node)
-        if ni.op != "conv" or ni.mode != "sparse" or node.op != "call_function":
-            continue
         if transposed_params(node) is not None:
             _rewrite_transposed(gm, node, ctx)
             changed += 1
@@ -46,8 +51,7 @@ def rewrite_convs(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         new.meta["sigec_conv"] = name  # the captured conv it computes (MAC counts)
         ctx.add_map(name, new)
         changed += 1
-    ctx.bump("convs_sparse", changed)
-    return finish(gm, "rewrite_convs", changed)
+    return finish(gm, "rewrite_convs", changed, ctx, "convs_sparse")
 
 
 def _rewrite_transposed(gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> None:
@@ -107,8 +111,7 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if mode != "zeros":
             node.kwargs = {**node.kwargs, "pad_mode": mode}
         changed += 1
-    ctx.bump("pads_folded", changed)
-    return finish(gm, "fold_pads", changed)
+    return finish(gm, "fold_pads", changed, ctx, "pads_folded")
 
 
 def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -139,8 +142,7 @@ def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node.args = (*node.args[:2], src, *node.args[3:])
         node.kwargs = kwargs
         changed += 1
-    ctx.bump("prologues_fused", changed)
-    return finish(gm, "fuse_prologues", changed)
+    return finish(gm, "fuse_prologues", changed, ctx, "prologues_fused")
 
 
 def fuse_concats(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -163,8 +165,7 @@ def fuse_concats(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         node.args = (*node.args[:2], list(parts), *node.args[3:])
         changed += 1
-    ctx.bump("concats_fused", changed)
-    return finish(gm, "fuse_concats", changed)
+    return finish(gm, "fuse_concats", changed, ctx, "concats_fused")
 
 
 def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -200,5 +201,4 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             ctx.add_map(add_name, conv)
             changed += 1
             break
-    ctx.bump("residuals_fused", changed)
-    return finish(gm, "fuse_residuals", changed)
+    return finish(gm, "fuse_residuals", changed, ctx, "residuals_fused")

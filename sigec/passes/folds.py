@@ -61,8 +61,7 @@ def fold_constants(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             set_info(new, role="param", mode="")
             node.replace_all_uses_with(new, delete_user_cb=lambda u: info(u).role != "const")
             changed += 1
-    ctx.bump("consts_folded", changed)
-    return finish(gm, "fold_constants", changed)
+    return finish(gm, "fold_constants", changed, ctx, "consts_folded")
 
 
 def cache_statics(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -80,8 +79,7 @@ def cache_statics(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(new, delete_user_cb=lambda u: info(u).role != "static")
         ctx.statics.append(node.name)
         changed += 1
-    ctx.bump("statics_cached", changed)
-    return finish(gm, "cache_statics", changed)
+    return finish(gm, "cache_statics", changed, ctx, "statics_cached")
 
 
 def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -99,8 +97,7 @@ def remove_identities(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             changed += 1
-    ctx.bump("identities_removed", changed)
-    return finish(gm, "remove_identities", changed)
+    return finish(gm, "remove_identities", changed, ctx, "identities_removed")
 
 
 def _cse_key(node: torch.fx.Node):
@@ -142,8 +139,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext) 
             node.replace_all_uses_with(first)
             gm.graph.erase_node(node)
             changed += 1
-    ctx.bump("subexpressions_merged", changed)
-    return finish(gm, "eliminate_common_subexpressions", changed)
+    return finish(gm, "eliminate_common_subexpressions", changed, ctx, "subexpressions_merged")
 
 
 def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -193,8 +189,7 @@ def fold_norms(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         new.meta["sigec_name"] = name
         set_info(new, op="affine", mode="sparse")
         changed += 1
-    ctx.bump("norms_folded", changed)
-    return finish(gm, "fold_norms", changed)
+    return finish(gm, "fold_norms", changed, ctx, "norms_folded")
 
 
 def fold_biases(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -225,8 +220,7 @@ def fold_biases(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node.args = (x, scale, new_shift)
         gm.graph.erase_node(add)
         changed += 1
-    ctx.bump("biases_folded", changed)
-    return finish(gm, "fold_biases", changed)
+    return finish(gm, "fold_biases", changed, ctx, "biases_folded")
 
 
 BUFFER_READS = {ops.cached, ops.norm_scale, ops.norm_shift}

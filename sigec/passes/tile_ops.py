@@ -17,6 +17,7 @@ from sigec.passes.base import (
     finish,
     orig_name,
     replace_with,
+    sparse_nodes,
 )
 from sigec.passes.op_tables import upsample_factor
 from sigec.runtime import ops
@@ -127,10 +128,8 @@ def _expression_module(gm, group: list, leaves: list) -> torch.fx.GraphModule:
 def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     """Nearest upsampling by an integer factor -> ``tile_upsample`` (tiles at both resolutions)."""
     changed = 0
-    for node in list(gm.graph.nodes):
+    for node in sparse_nodes(gm, "upsample"):
         ni = info(node)
-        if ni.op != "upsample" or ni.mode != "sparse" or node.op != "call_function":
-            continue
         f = upsample_factor(node)
         key = ctx.request(orig_name(node), ni.resolution, in_scale=f)
         name = orig_name(node)
@@ -138,8 +137,7 @@ def rewrite_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                             {"name": name, "tile_key": key})  # fmt: skip
         ctx.add_map(name, new)
         changed += 1
-    ctx.bump("upsamples_sparse", changed)
-    return finish(gm, "rewrite_upsamples", changed)
+    return finish(gm, "rewrite_upsamples", changed, ctx, "upsamples_sparse")
 
 
 def mark_private_maps(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

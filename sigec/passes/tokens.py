@@ -96,8 +96,7 @@ def tokens_to_maps(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 set_info(conv, op="dense", mode="dense", spatial=False)
             user.replace_input_with(node, conv)
     dead_code(gm)
-    ctx.bump("token_ops_mapped", changed)
-    return finish(gm, "tokens_to_maps", changed)
+    return finish(gm, "tokens_to_maps", changed, ctx, "token_ops_mapped")
 
 
 def _channels(node: torch.fx.Node) -> int:
