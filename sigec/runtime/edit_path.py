@@ -109,6 +109,11 @@ class EditPath:
         last.committed = True
         slot.replaced_by = None
 
+    def prepare(self, key: str, slot: SlotCache) -> None:
+        """Set slot ``key`` up for edits right after its record (its caches packed for one-copy
+        loads), so that its first edit costs what any edit costs."""
+        self.live.pack_slot(slot)
+
     def forget(self, key: str) -> None:
         """Slot ``key`` was recorded again: its uncommitted edit and its working set are gone."""
         if self.last is not None and self.last.key == key:

@@ -162,6 +162,7 @@ class SparseEngine(torch.nn.Module):
         self.path.forget(key)
         if warmup and not self.path.warmed:
             self.warmup(slot)
+        self.path.prepare(key, state)
         return pytree.tree_unflatten(list(outs), self.program.out_spec)
 
     @torch.no_grad()

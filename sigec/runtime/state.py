@@ -198,6 +198,11 @@ class LiveState(_Buffers):
     def note_written(self, name: str, tiles: TileSet) -> None:
         self.written[name] = tiles
 
+    def pack_slot(self, slot: SlotCache) -> None:
+        """Pack ``slot``'s buffers in this working set's layout (``load`` is then one copy per
+        dtype); a no-op when they already are."""
+        slot.packed([f"cache__{n}" for n in self.cached_maps] + self._small)
+
     def load(self, key: str, slot: SlotCache) -> None:
         """Make this the working set of ``slot``: every working map := its cache, every small
         buffer := the slot's. A full copy: one copy per dtype once both sides are packed (the

@@ -250,6 +250,12 @@ class StaticPath(EditPath):
         self._slot_batches[key][1]()
         self.undo_counts.zero_()  # nothing left to undo: the caches hold the edit
 
+    def prepare(self, key: str, slot: SlotCache) -> None:
+        """Also the slot's restore tables (after warm-up made the buffers they point into)."""
+        super().prepare(key, slot)
+        if self.warmed and key not in self._slot_batches:
+            self._slot_batches[key] = self._slot_batch_pair(slot)
+
     def forget(self, key: str) -> None:
         super().forget(key)
         self._slot_batches.pop(key, None)  # recorded in place: same addresses, but be plain
