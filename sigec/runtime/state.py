@@ -10,8 +10,9 @@ The edit graphs never touch a slot. They run on the engine's one ``LiveState``: 
 per sparse map (``work__<map>``: the cache of the active slot with the current edit's tiles
 written in) and live copies of the active slot's small buffers. Its buffers never move, so the
 same CUDA graphs serve every slot; switching to another slot copies that slot's caches in
-(``load``), and an edit of one slot replaces the uncommitted edit of another (there is one
-working set). Memory: one working set per engine, one set of caches per slot.
+(``load``: one copy per dtype, since a slot's buffers are packed into one flat tensor per dtype
+at its record, in the working set's layout), and an edit of one slot replaces the uncommitted
+edit of another (there is one working set). Memory: one working set per engine, one set of caches per slot.
 """
 
 from __future__ import annotations
