@@ -105,7 +105,7 @@ def main() -> None:
         colour = [(230, 60, 40), (40, 180, 70), (50, 80, 220)][i % 3]
         edited = paint(current, e["mask"], colour)
         mask = e["mask"].to(dev)
-        edit_s, got = _wall(lambda ed=edited, m=mask: editor.edit(ed, m, **kw), dev)
+        edit_s, got = _wall(lambda ed=edited, m=mask: editor.edit(ed, mask=m, **kw), dev)
         dense_s, want = _wall(lambda ed=edited: editor.dense(ed), dev)
         row = {"fraction": e["fraction"], "kind": e["kind"], "edit_s": edit_s,
                "dense_eager_s": dense_s, "psnr": psnr(got.float(), want.float())}  # fmt: skip
@@ -138,7 +138,7 @@ def main() -> None:
         import pstats
 
         text = io.StringIO()
-        for name, fn in (("edit", lambda: editor.edit(last_edit, mask, **kw)),
+        for name, fn in (("edit", lambda: editor.edit(last_edit, mask=mask, **kw)),
                          ("commit", editor.commit)):  # fmt: skip
             prof = cProfile.Profile()
             prof.enable()

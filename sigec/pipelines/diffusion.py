@@ -176,7 +176,7 @@ class SDEditor:
         self._check_budget()
         return self._call("decode", x, record=True) if self.vae is not None else x
 
-    def edit(self, edited: torch.Tensor, mask: torch.Tensor | None = None, *, prompt=None,
+    def edit(self, edited: torch.Tensor, prompt: str | None = None, *, mask=None,
              prompt_embeds=None, negative_prompt_embeds=None, strength=None, steps=None,
              seed: int = 0, commit: bool = False, observe=None,
              inpaint: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -184,10 +184,11 @@ class SDEditor:
 
         Args:
             edited: the edited image, like ``generate``'s.
+            prompt: ``generate``'s prompt (same order of arguments as ``generate``).
             mask: optional bool ``[H, W]`` of the edited pixels (default: where it differs).
             inpaint: an inpainting UNet's region to regenerate (bool ``[H, W]``; default none);
                 where it differs from the recorded region is recomputed too.
-            prompt, prompt_embeds, ..., seed: must be ``generate``'s (they fix the trajectory).
+            prompt_embeds, ..., seed: must be ``generate``'s (they fix the trajectory).
             commit: make each step's edit its new original as it goes.
             observe: called as ``observe(name, engine, slot)`` after each call's edit (while
                 its tiles and stats are the engine's last: the steps share one working set).
@@ -304,7 +305,7 @@ class SDEditor:
             return
         edited, mask, inpaint = self._last_edit
         run = self._run
-        self.edit(edited, mask, prompt=run.key[0], prompt_embeds=run.embeds[0],
+        self.edit(edited, run.key[0], mask=mask, prompt_embeds=run.embeds[0],
                   negative_prompt_embeds=run.embeds[1], steps=run.key[3], strength=run.key[4],
                   seed=run.key[5], commit=True, inpaint=inpaint)  # fmt: skip
 

@@ -63,8 +63,8 @@ class SDEditFlow:
         with none); otherwise the edited pixels."""
         if self.editor.inpainting:
             self.region = mask
-            return self.editor.edit(x, None, observe=observe, inpaint=mask, **self.run_args)
-        return self.editor.edit(x, mask, observe=observe, **self.run_args)
+            return self.editor.edit(x, observe=observe, inpaint=mask, **self.run_args)
+        return self.editor.edit(x, mask=mask, observe=observe, **self.run_args)
 
     def dense(self, x):
         return self.editor.dense(x, inpaint=getattr(self, "region", None))

@@ -12,7 +12,8 @@ written in) and live copies of the active slot's small buffers. Its buffers neve
 same CUDA graphs serve every slot; switching to another slot copies that slot's caches in
 (``load``: one copy per dtype, since a slot's buffers are packed into one flat tensor per dtype
 at its record, in the working set's layout), and an edit of one slot replaces the uncommitted
-edit of another (there is one working set). Memory: one working set per engine, one set of caches per slot.
+edit of another (there is one working set). Memory: one working set per engine, one set of
+caches per slot.
 """
 
 from __future__ import annotations
