@@ -124,6 +124,63 @@ def test_edit_a_diffusers_ddpm_pipeline_folder(tmp_path, capsys):
     assert PICTURES <= {p.name for p in (tmp_path / "o").iterdir()}
 
 
+def _tiny_sd_pipeline(folder):
+    """A Stable Diffusion img2img pipeline folder of tiny parts: UNet, VAE, DDIM and a CLIP text
+    encoder with a one-letter-per-token tokenizer the test writes itself."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sigec.models.sd import SD15_UNET_TINY, SD_VAE_TINY
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch], vocab[ch + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "tok").mkdir(parents=True)
+    (folder / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                        model_max_length=8)  # fmt: skip
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                                        pad_token_id=1))  # fmt: skip
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=AutoencoderKL(**SD_VAE_TINY), text_encoder=text, tokenizer=tok,
+        unet=UNet2DConditionModel(**SD15_UNET_TINY), scheduler=DDIMScheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+def test_edit_a_stable_diffusion_pipeline_folder_with_a_prompt(tmp_path, capsys):
+    """The pipeline's text encoder, VAE and UNet from a diffusers folder: the encoder, every
+    step and the decoder edited, against the dense pipeline."""
+    pytest.importorskip("transformers")
+    folder = _tiny_sd_pipeline(tmp_path)
+    images.write_image(images.demo_picture(32, 32), tmp_path / "a.png")
+    images.write_mask(blob_mask(32, 32, 0.05, seed=1), tmp_path / "m.png")
+    argv = ["edit", str(folder), "--image", str(tmp_path / "a.png"), "--mask",
+            str(tmp_path / "m.png"), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--steps",
+            "4", "--check-dense"]  # fmt: skip
+    assert main(argv) == 0
+    assert "latent (VAE) space" in capsys.readouterr().out
+    s = _summary(tmp_path / "o")
+    assert s["kind"] == "sdedit" and s["calls"] == 4  # encoder, 2 steps, decoder
+    assert s["psnr"] > 25 and s["sparse_macs"] < s["dense_macs"]  # measured 41.5 dB, 1.39x
+    small = tmp_path / "small.png"
+    images.write_image(torch.zeros(1, 3, 16, 16), small)
+    bad = [*argv[:3], str(small), *argv[4:9], str(tmp_path / "o2"), *argv[10:]]
+    assert main(bad) == 2  # the pipeline takes 32x32 pictures
+    assert "resize" in capsys.readouterr().err
+
+
 def test_demo_writes_its_pictures_and_says_where(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "4"]) == 0
