@@ -52,16 +52,26 @@ class GroupNormNet(nn.Module):
         return self.conv_out(h + r)
 
 
-class FlipNet(nn.Module):
-    """An op sigec cannot run on tiles (a flip): it must fall back to dense and say so."""
+class ConvSandwich(nn.Module):
+    """``b(middle(a(x)))``: two 3x3 convs around the op a subclass puts in ``middle``."""
 
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 4, 3, padding=1)
         self.b = nn.Conv2d(4, 3, 3, padding=1)
 
+    def middle(self, h):
+        raise NotImplementedError
+
     def forward(self, x):
-        return self.b(torch.flip(self.a(x), dims=[3]))
+        return self.b(self.middle(self.a(x)))
+
+
+class FlipNet(ConvSandwich):
+    """An op sigec cannot run on tiles (a flip): it must fall back to dense and say so."""
+
+    def middle(self, h):
+        return torch.flip(h, dims=[3])
 
 
 def init_bn(model: nn.Module) -> nn.Module:
@@ -106,28 +116,16 @@ class TokenNet(nn.Module):
         return self.conv_out(h)
 
 
-class BoolMaskNet(nn.Module):
+class BoolMaskNet(ConvSandwich):
     """A comparison inside the map path: ``h * (h > 0)`` and ``(h > t).float()`` give 4-D bool
     tensors, which tiles cannot hold."""
 
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 3, 3, padding=1)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.b(h * (h > 0) + 0.5 * (h > 0.3).float())
+    def middle(self, h):
+        return h * (h > 0) + 0.5 * (h > 0.3).float()
 
 
-class FFTNet(nn.Module):
+class FFTNet(ConvSandwich):
     """A complex intermediate: a spectral filter (``torch.fft``) between two convs."""
 
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 3, 3, padding=1)
-
-    def forward(self, x):
-        h = self.a(x)
-        return self.b(h + torch.fft.ifft2(torch.fft.fft2(h) * 0.5).real)
+    def middle(self, h):
+        return h + torch.fft.ifft2(torch.fft.fft2(h) * 0.5).real
