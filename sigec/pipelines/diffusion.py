@@ -112,8 +112,7 @@ class SDEditor:
         self.engines: dict[str, SparseEngine] = {}
         if isinstance(unet, SparseEngine):  # compiled already (an engine file): use it
             self.engines["unet"] = unet
-            spatial = unet.program.input_kinds.index("spatial")
-            _, self.dtype, self.device = unet.program.example_meta[spatial]
+            _, self.dtype, self.device = unet.program.image_meta
         else:
             unet.eval()
             param = next(unet.parameters())
@@ -232,14 +231,8 @@ class SDEditor:
     @property
     def inpainting(self) -> bool:
         """An inpainting UNet: latents, the region's mask and the masked image's latents in."""
-        if "unet" in self.engines:
-            prog = self.engines["unet"].program
-            channels = prog.example_meta[prog.input_kinds.index("spatial")][0][1]
-        elif isinstance(self.unet, SparseEngine):
-            prog = self.unet.program
-            channels = prog.example_meta[prog.input_kinds.index("spatial")][0][1]
-        else:
-            channels = self.unet.config.in_channels
+        engine = self.engines.get("unet")  # compiled (or given as an engine) first
+        channels = engine.program.image_meta[0][1] if engine else self.unet.config.in_channels
         return channels == 9
 
     def _region(self, inpaint, image) -> torch.Tensor | None:
@@ -328,9 +321,9 @@ class SDEditor:
             extra = self._inpaint_channels(image, self._region(inpaint, image), calls["encode"])
             x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
             for t, t_int in zip(self._steps(run.timesteps), run.steps_int, strict=True):
-                unet = lambda *a, **k: _sample(calls["unet"](*a, **k))  # noqa: E731
+                unet = lambda *a, **k: sample_of(calls["unet"](*a, **k))  # noqa: E731
                 x = self._denoise(x, t, t_int, unet, extra)
-            return _sample(calls["decode"](x)) if self.vae is not None else x
+            return sample_of(calls["decode"](x)) if self.vae is not None else x
 
     def encoder(self):
         """The image -> latents module the editor compiles (None without a VAE)."""
@@ -341,7 +334,7 @@ class SDEditor:
         return _Decode(self.vae) if self.vae is not None else None
 
     def _dense(self, part: str, *args, **kwargs):
-        return _sample(self.engines[part].dense(*args, **kwargs))
+        return sample_of(self.engines[part].dense(*args, **kwargs))
 
     def cache_bytes(self) -> int:
         """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
@@ -384,7 +377,7 @@ class SDEditor:
                 observe(part if part != "unet" else f"unet step {slot}", engine, slot)
             if commit:
                 engine.commit(slot=slot)
-        return _sample(out)
+        return sample_of(out)
 
     def _conditioning(self, prompt, embeds, negative):
         if prompt is not None:
@@ -424,5 +417,6 @@ def _digest(t) -> tuple | None:
     return (tuple(t.shape), round(float(t.sum()), 4), round(float((t * t).sum()), 4))
 
 
-def _sample(out):
+def sample_of(out):
+    """A diffusers output's ``.sample`` (a plain tensor as it is)."""
     return out.sample if hasattr(out, "sample") else out

@@ -28,7 +28,7 @@ import torch
 
 from sigec.errors import CheckpointError, OutputExistsError, SigecError
 from sigec.pipelines import images
-from sigec.pipelines.diffusion import SDEditor
+from sigec.pipelines.diffusion import SDEditor, sample_of
 from sigec.pipelines.labels import LabelMapEditor
 from sigec.runtime.engine import SparseEngine
 
@@ -46,6 +46,7 @@ class SDEditFlow:
     def __init__(self, editor: SDEditor, *, seed: int = 0, prompt: str | None = None,
                  prompt_embeds=None, negative_prompt_embeds=None):  # fmt: skip
         self.editor = editor
+        self.region = None  # an inpainting edit's region (the dense reference needs it)
         self.run_args = {"prompt": prompt, "prompt_embeds": prompt_embeds, "seed": seed,
                          "negative_prompt_embeds": negative_prompt_embeds}  # fmt: skip
 
@@ -67,7 +68,7 @@ class SDEditFlow:
         return self.editor.edit(x, mask=mask, observe=observe, **self.run_args)
 
     def dense(self, x):
-        return self.editor.dense(x, inpaint=getattr(self, "region", None))
+        return self.editor.dense(x, inpaint=self.region)
 
     def commit(self):
         self.editor.commit()
@@ -81,7 +82,7 @@ class SDEditFlow:
     def input_size(self) -> tuple[tuple[int, int] | None, int]:
         e = self.editor
         if "unet" in e.engines:
-            shape = _spatial_meta(e.engines["unet"])[0]
+            shape = e.engines["unet"].program.image_meta[0]
             (h, w), c = shape[-2:], shape[1]
         else:
             side, c = e.unet.config.sample_size, e.unet.config.in_channels
@@ -153,16 +154,16 @@ class CallFlow:
 
             self.engine = sigec.compile(self.model, (x, *self.others), self.kwargs,
                                         config=self.config)  # fmt: skip
-        return _sample(self.engine.record(x, *self.others, **self.kwargs))
+        return sample_of(self.engine.record(x, *self.others, **self.kwargs))
 
     def edit(self, x, mask=None, observe=None):
-        out = _sample(self.engine.edit(x, *self.others, mask=mask, **self.kwargs))
+        out = sample_of(self.engine.edit(x, *self.others, mask=mask, **self.kwargs))
         if observe is not None:
             observe("call", self.engine, 0)
         return out
 
     def dense(self, x):
-        return _sample(self.engine.dense(x, *self.others, **self.kwargs))
+        return sample_of(self.engine.dense(x, *self.others, **self.kwargs))
 
     def commit(self):
         self.engine.commit()
@@ -180,27 +181,18 @@ class CallFlow:
         return _device_of(self.engine or self.model)
 
 
-def _spatial_meta(engine: SparseEngine):
-    prog = engine.program
-    return prog.example_meta[prog.input_kinds.index("spatial")]
-
-
 def _size_of(model) -> tuple[tuple[int, int] | None, int | None]:
     """(H, W) and channels of an engine's image input; (None, None) for a module (any size)."""
     if not isinstance(model, SparseEngine):
         return None, None
-    shape = _spatial_meta(model)[0]
+    shape = model.program.image_meta[0]
     return tuple(shape[-2:]), shape[1]
 
 
 def _device_of(model) -> torch.device:
     if isinstance(model, SparseEngine):
-        return torch.device(_spatial_meta(model)[2])
+        return torch.device(model.program.image_meta[2])
     return next(model.parameters()).device
-
-
-def _sample(out):
-    return out.sample if hasattr(out, "sample") else out
 
 
 # --- opening a model ------------------------------------------------------------------------------

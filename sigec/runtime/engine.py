@@ -59,7 +59,7 @@ class SparseEngine(torch.nn.Module):
         on CUDA when ``config.dense_backend == "inductor"`` (compiled once, on first use)."""
         if self._dense_fn is None:
             fn = self.record_gm
-            on_cuda = self.program.example_meta[self.program.input_kinds.index("spatial")][2]
+            on_cuda = self.program.image_meta[2]
             if self.config.dense_backend == "inductor" and torch.device(on_cuda).type == "cuda":
                 fn = torch.compile(self.record_gm)
             self._dense_fn = fn
@@ -281,7 +281,7 @@ class SparseEngine(torch.nn.Module):
                 "mask: a meta tensor has no values; pass a bool tensor with data (on any device: "
                 "it is copied to the engine's)"
             )
-        dev = self.program.example_meta[self.program.input_kinds.index("spatial")][2]
+        dev = self.program.image_meta[2]
         m = mask.to(dev)
         return (m[None] if m.dim() == 2 else m).any(0, keepdim=True)
 

@@ -165,3 +165,8 @@ class Program:
     # record-time computation of edit-invariant values: prelude_gm(state) -> one per ``hoisted``
     prelude_gm: torch.fx.GraphModule | None = None
     hoisted: tuple[str, ...] = ()
+
+    @property
+    def image_meta(self) -> tuple:
+        """``(shape, dtype, device)`` of the first image input (what edits' masks follow)."""
+        return self.example_meta[self.input_kinds.index("spatial")]
