@@ -10,9 +10,11 @@ blobs of 2-5 % of the image, each painted a colour; most committed): each edit's
 (VAE encoder, every step, VAE decoder, on the host around a synchronize), the dense pipeline on
 the same edited image (the same trajectory: eager fp16, and ``torch.compile(mode=
 "reduce-overhead")`` of the UNet and both VAE halves), PSNR of the edit against the eager dense
-result, commit time, cache bytes per step and where they live, peak memory. Writes JSON after
-every phase (a run cut short keeps what it measured). ``--tiny`` runs the tiny configs on the CPU
-(a smoke test of the script).
+result, commit time, cache bytes per step and where they live, peak memory. The same session
+runs again with every cache in pinned host memory (``cache_device="host"``: each step's caches
+prefetched while the previous step runs) and split by a GPU budget (``"auto"``, ``--auto-gib``),
+with the host-to-device bandwidth measured beside. Writes JSON after every phase (a run cut
+short keeps what it measured). ``--tiny`` runs the tiny configs on the CPU (a smoke test).
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (smoke test)")
     p.add_argument("--profile", metavar="TXT",
                    help="cProfile one edit and one commit into this file")  # fmt: skip
+    p.add_argument(
+        "--auto-gib",
+        type=float,
+        default=4.0,
+        help="also a session with cache_device='auto' under this GPU budget (0: no)",
+    )
     p.add_argument("--out", default="sdedit.json")
     args = p.parse_args()
     start = time.perf_counter()
@@ -98,39 +106,81 @@ def main() -> None:
     res["warmup"] = {k: e.stats()["warmup"] for k, e in editor.engines.items()}
     dump()
 
-    # the session: each edit a new mask, painted; the dense pipeline on the same image
-    current = image
-    edits = []
-    for i, e in enumerate(edit_sequence(size, size, args.edits, seed=3, fractions=(0.02, 0.05))):
-        colour = [(230, 60, 40), (40, 180, 70), (50, 80, 220)][i % 3]
-        edited = paint(current, e["mask"], colour)
-        mask = e["mask"].to(dev)
-        edit_s, got = _wall(lambda ed=edited, m=mask: editor.edit(ed, mask=m, **kw), dev)
-        dense_s, want = _wall(lambda ed=edited: editor.dense(ed), dev)
-        row = {"fraction": e["fraction"], "kind": e["kind"], "edit_s": edit_s,
-               "dense_eager_s": dense_s, "psnr": psnr(got.float(), want.float())}  # fmt: skip
-        if e["commit"]:
-            row["commit_s"], _ = _wall(editor.commit, dev)
-            current = edited
-        edits.append(row)
-        last_edit = edited
-        res["edits"] = edits
+    # a session: each edit a new mask, painted; the dense pipeline on the same image
+    state = {"current": image}
+
+    def session(label: str) -> dict:
+        edits = []
+        for i, e in enumerate(edit_sequence(size, size, args.edits, seed=3,
+                                            fractions=(0.02, 0.05))):  # fmt: skip
+            colour = [(230, 60, 40), (40, 180, 70), (50, 80, 220)][i % 3]
+            edited = paint(state["current"], e["mask"], colour)
+            mask = e["mask"].to(dev)
+            edit_s, got = _wall(lambda ed=edited, m=mask: editor.edit(ed, mask=m, **kw), dev)
+            dense_s, want = _wall(lambda ed=edited: editor.dense(ed), dev)
+            row = {"fraction": e["fraction"], "kind": e["kind"], "edit_s": edit_s,
+                   "dense_eager_s": dense_s, "psnr": psnr(got.float(), want.float())}  # fmt: skip
+            if e["commit"]:
+                row["commit_s"], _ = _wall(editor.commit, dev)
+                state["current"] = edited
+            edits.append(row)
+            state.update(edited=edited, want=want, mask=mask)
+        times = [r["edit_s"] for r in edits]
+        unet_eng = editor.engines["unet"]
+        summary = {
+            "edits": edits,
+            "edit_s": {"first": times[0], "p50": statistics.median(times), "max": max(times)},
+            "commit_s_p50": statistics.median(
+                [r["commit_s"] for r in edits if "commit_s" in r] or [0.0]
+            ),  # fmt: skip
+            "dense_eager_s_p50": statistics.median(r["dense_eager_s"] for r in edits),
+            "cache": {
+                "placement": {k: e.placement() for k, e in editor.engines.items()},
+                "per_step_bytes": [unet_eng.slots[k].nbytes() for k in unet_eng.slots],
+                "encoder_bytes": editor.engines["encode"].cache_bytes(),
+                "decoder_bytes": editor.engines["decode"].cache_bytes(),
+                "unet_working_set_bytes": unet_eng.live.nbytes(),
+                "device_bytes": editor.cache_bytes("device"),
+                "host_bytes": editor.cache_bytes("host"),
+                "total_bytes": editor.cache_bytes(),
+                "unet_staging": unet_eng.live.staging.stats(),
+            },
+        }
+        if on_gpu:
+            summary["memory_allocated_bytes"] = torch.cuda.memory_allocated()
+            summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        res["sessions"][label] = summary
         dump()
-    res["edit_s"] = {"first": edits[0]["edit_s"], "p50": statistics.median(r["edit_s"] for r in
-                     edits), "max": max(r["edit_s"] for r in edits)}  # fmt: skip
-    res["dense_eager_s_p50"] = statistics.median(r["dense_eager_s"] for r in edits)
-    unet_eng = editor.engines["unet"]
-    res["cache"] = {
-        "device": str(dev),
-        "per_step_bytes": [unet_eng.slots[k].nbytes() for k in unet_eng.slots],
-        "encoder_bytes": editor.engines["encode"].cache_bytes(),
-        "decoder_bytes": editor.engines["decode"].cache_bytes(),
-        "unet_working_set_bytes": unet_eng.live.nbytes(),
-        "total_bytes": editor.cache_bytes(),
-    }
+        return summary
+
+    res["sessions"] = {}
+    first = session("device")
+    res["edit_s"], res["dense_eager_s_p50"] = first["edit_s"], first["dense_eager_s_p50"]
+    res["cache"] = first["cache"]  # the default: every cache on the GPU
+    last_edit, mask, want = state["edited"], state["mask"], state["want"]
+
+    # the same session with caches in pinned host memory (every step's prefetched), then split
+    # by a budget (the VAE's and the last steps' on the host)
     if on_gpu:
-        res["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    dump()
+        step = editor.engines["unet"].slots["0"].nbytes()
+        n = 2 * step  # the PCIe bandwidth a slot switch sees: pinned host -> device
+        src = torch.empty(n // 2, dtype=torch.float16, pin_memory=True)
+        dst = torch.empty(n // 2, dtype=torch.float16, device=dev)
+        secs = min(_wall(lambda: dst.copy_(src, non_blocking=True), dev)[0] for _ in range(5))
+        res["h2d_gb_per_s"] = step / secs / 1e9
+        del src, dst
+    placements = [("host", None)]
+    if args.auto_gib:
+        placements.append(("auto", int(args.auto_gib * 2**30)))
+    for where, budget in placements:
+        editor.max_cache_bytes = budget
+        torch.cuda.reset_peak_memory_stats() if on_gpu else None
+        secs, _ = _wall(lambda w=where: editor.place_caches(w), dev)
+        label = where if budget is None else f"{where} {args.auto_gib:g} GiB"
+        session(label)["place_s"] = secs
+        dump()
+    editor.max_cache_bytes = None
+    editor.place_caches("device")
 
     if args.profile:  # where the host time of an edit and a commit goes
         import cProfile
@@ -157,7 +207,7 @@ def main() -> None:
     mode = "reduce-overhead" if on_gpu else None
     modules = {"unet": torch.compile(unet, mode=mode), "encode": torch.compile(editor.encoder(),
                mode=mode), "decode": torch.compile(editor.decoder(), mode=mode)}  # fmt: skip
-    last = edited
+    last = last_edit
     t_compile, _ = _wall(lambda: editor.dense(last, modules), dev)
     times = []
     for _ in range(4):

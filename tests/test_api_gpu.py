@@ -157,3 +157,40 @@ def test_a_new_record_keeps_the_captured_graphs_on_cuda():
     torch.testing.assert_close(got, fresh.edit(xe, *args[1:], **kwargs).sample, rtol=1e-2,
                                atol=1e-2)  # fmt: skip
     assert engine.path.entries == made and engine.stats()["graphs"]["captured_in_edits"] == 0
+
+
+def test_host_slots_with_prefetch_edit_like_device_slots_on_cuda():
+    """Slots in pinned host memory (the next one prefetched on a side stream): with CUDA graphs,
+    edits and commits in a trajectory order equal an engine whose slots stay on the GPU."""
+    model, args, kwargs = build_on("ddpm-tiny", "cuda", torch.float16)
+    config = sigec.SparseConfig(**MODELS["ddpm-tiny"].sige_config, cuda_graphs=True,
+                                cost_model=False)  # fmt: skip
+    x = args[0]
+    ts = [torch.tensor([t], device="cuda") for t in (900, 600, 300, 100)]
+    engines = []
+    for _ in range(2):
+        e = sigec.compile(model, (x, ts[0]), kwargs, config=config)
+        for i, t in enumerate(ts):
+            e.record(x, t, slot=i)
+        engines.append(e)
+    host, device = engines
+    for i in range(len(ts)):
+        host.place(i, "host")
+    assert all(b.is_pinned() for b in host.slots["2"].flats.values())
+    masks = list(edit_masks(*x.shape[-2:]).values())
+    current = x
+    for rnd in range(3):
+        xe = apply_edit(current.cpu().float(), masks[rnd], seed=rnd).to(x)
+        for i, t in enumerate(ts):
+            nxt = (i + 1) % len(ts)
+            got = host.edit(xe, t, slot=i, next_slot=nxt).sample
+            want = device.edit(xe, t, slot=i).sample  # a stale cache would be far off
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+            if rnd != 1:
+                host.commit(slot=i)
+                device.commit(slot=i)
+        if rnd != 1:
+            current = xe
+    cache = host.stats()["cache"]
+    assert cache["prefetch_hits"] >= 8 and cache["host_bytes"] > 0
+    assert host.cache_bytes("device") < device.cache_bytes("device")

@@ -113,9 +113,12 @@ def restore_triton(
     )  # fmt: skip
 
 
-def _check(work, cache, corners, tile_h, tile_w, num_active, check_values=True) -> None:
+def _check(work, cache, corners, tile_h, tile_w, num_active, check_values=True,
+           pinned_ok=False) -> None:  # fmt: skip
     check_tensor("work", work, rank=4)
-    check_tensor("cache", cache, rank=4, dtypes=(work.dtype,), device=work.device)
+    host_side = pinned_ok and _pinned_pair(work, cache)
+    check_tensor("cache", cache, rank=4, dtypes=(work.dtype,),
+                 device=None if host_side else work.device)  # fmt: skip
     if cache.shape != work.shape:
         raise ValueError(
             f"cache: expected the shape of work {tuple(work.shape)}, got {tuple(cache.shape)}"
@@ -129,9 +132,15 @@ def _check(work, cache, corners, tile_h, tile_w, num_active, check_values=True) 
         width=w,
         tile_h=tile_h,
         tile_w=tile_w,
-        device=work.device,
+        device=cache.device if host_side and cache.is_cuda else work.device,
         values=check_values,
     )
+
+
+def _pinned_pair(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One CUDA tensor and one in pinned host memory (which CUDA kernels address directly)."""
+    return (a.is_cuda and b.device.type == "cpu" and b.is_pinned()) or (
+        b.is_cuda and a.device.type == "cpu" and a.is_pinned())  # fmt: skip
 
 
 @torch.library.custom_op("sigec::restore", mutates_args=("work",))
@@ -272,7 +281,9 @@ def vector_width(work: torch.Tensor, cache: torch.Tensor, most: int = 64) -> int
 class RestoreBatch:
     """``restore`` of many maps at once: ``items`` are ``(work, cache, corners, num_active,
     tile_h, tile_w)`` (``num_active`` may be None), checked like ``restore`` (shapes, dtypes,
-    devices; corner values are not range-checked: they come from this edit's tile lists).
+    devices; corner values are not range-checked: they come from this edit's tile lists). One
+    of ``work`` and ``cache`` may be in pinned host memory while the other is on CUDA (a slot
+    kept on the host): the launch reads or writes its tiles there directly.
 
     Calling it copies every item's tiles from its cache into its work map (swap the two for the
     other direction): one Triton launch per dtype and vector width on CUDA (``use_triton=True``
@@ -288,8 +299,8 @@ class RestoreBatch:
         # the table holds addresses: corners must be contiguous [M, 2] (kept alive here)
         self.items = [(w, c, co.contiguous(), n, th, tw) for w, c, co, n, th, tw in items]
         for work, cache, corners, count, th, tw in self.items:
-            _check(work, cache, corners, th, tw, count, check_values=False)
-        cuda = bool(self.items) and self.items[0][0].is_cuda
+            _check(work, cache, corners, th, tw, count, check_values=False, pinned_ok=True)
+        cuda = bool(self.items) and (self.items[0][0].is_cuda or self.items[0][1].is_cuda)
         self.use_triton = cuda if use_triton is None else use_triton
         self.launches = []
         if not self.use_triton:
@@ -301,7 +312,8 @@ class RestoreBatch:
                 groups.setdefault(key, []).append(item)
         for (_, vec), group in groups.items():
             reject_float64("work", group[0][0])
-            proto = group[0][0]
+            first, second = group[0][:2]
+            proto = second if second.is_cuda and not first.is_cuda else first  # CUDA if any
             table = torch.tensor([self._row(it, proto) for it in group], dtype=torch.int64)
             rows = max(it[2].shape[0] for it in group)
             n = max(it[0].shape[0] for it in group)

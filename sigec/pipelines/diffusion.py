@@ -24,8 +24,15 @@ therefore runs the last edit once more, committing every step as it goes (or pas
 ``TrajectoryChangedError``: call ``generate`` again.
 
 ``from_pipe(pipe)`` takes a diffusers Stable Diffusion pipeline's components (``unet``,
-``scheduler``, ``vae``) and its prompt encoder. Memory: ``cache_bytes()`` (every step's caches);
-``max_cache_bytes`` refuses a run that needs more (the caches live on the engine's device).
+``scheduler``, ``vae``) and its prompt encoder.
+
+Memory: ``cache_bytes(where)`` (every step's caches, the working sets). ``cache_device`` says
+where the recorded caches live: ``"device"`` (default: all on the GPU; ``max_cache_bytes``
+refuses a run that needs more), ``"host"`` (all in pinned host memory: each step's caches are
+copied in while the previous step runs; the GPU holds the working sets and one staging copy), or
+``"auto"`` (on the GPU up to ``max_cache_bytes``, the rest on the host: first the encoder's and
+decoder's, which cost no copy per edit since they keep one slot each, then the last steps'). What
+each costs is measured in docs/results.md (``benchmarks/sdedit.py``).
 """
 
 from __future__ import annotations
@@ -94,14 +101,15 @@ class SDEditor:
         steps, strength: the SDEdit trajectory (steps of the full schedule; the share of it run).
         guidance_scale: classifier-free guidance (a conditional UNet with negative embeddings).
         encode_prompt: ``prompt -> (prompt_embeds, negative_prompt_embeds)`` for text prompts.
-        max_cache_bytes: refuse runs whose caches (all steps) need more.
+        max_cache_bytes: the most bytes of caches kept on the GPU (see ``cache_device``).
+        cache_device: ``"device"``, ``"host"`` or ``"auto"``: where the recorded caches live.
         progress: show a progress bar over the steps (tqdm).
     """
 
     def __init__(self, unet, scheduler=None, vae=None, *, config: SparseConfig | None = None,
                  steps: int = 30, strength: float = 0.6, guidance_scale: float = 7.5,
                  encode_prompt=None, max_cache_bytes: int | None = None,
-                 progress: bool = False):  # fmt: skip
+                 cache_device: str = "device", progress: bool = False):  # fmt: skip
         if scheduler is None:
             from diffusers import DDIMScheduler
 
@@ -125,6 +133,7 @@ class SDEditor:
         self.steps, self.strength, self.guidance_scale = steps, strength, guidance_scale
         self.encode_prompt = encode_prompt
         self.max_cache_bytes, self.progress = max_cache_bytes, progress
+        self.cache_device = _where(cache_device)
         self._run: _Run | None = None
         self._last_edit = None  # (edited image, mask) of the last uncommitted edit
 
@@ -172,8 +181,9 @@ class SDEditor:
         x = self.scheduler.add_noise(latents, noise, timesteps[0])
         for i, t in enumerate(self._steps(timesteps)):
             x = self._denoise(x, t, ints[i], self._unet(i, record=True), extra)
-        self._check_budget()
-        return self._call("decode", x, record=True) if self.vae is not None else x
+        out = self._call("decode", x, record=True) if self.vae is not None else x
+        self.place_caches(self.cache_device)
+        return out
 
     def edit(self, edited: torch.Tensor, prompt: str | None = None, *, mask=None,
              prompt_embeds=None, negative_prompt_embeds=None, strength=None, steps=None,
@@ -218,7 +228,8 @@ class SDEditor:
             "encode", m, slot=1, mask=pixels, commit=commit, observe=observe))  # fmt: skip
         x = self.scheduler.add_noise(latents, run.noise, run.timesteps[0])
         for i, t in enumerate(self._steps(run.timesteps)):
-            unet = self._unet(i, commit=commit, observe=observe, mask=latent)
+            unet = self._unet(i, commit=commit, observe=observe, mask=latent,
+                              next_slot=(i + 1) % len(run.timesteps))  # fmt: skip
             x = self._denoise(x, t, run.steps_int[i], unet, extra)
         out = x
         if self.vae is not None:
@@ -336,10 +347,30 @@ class SDEditor:
     def _dense(self, part: str, *args, **kwargs):
         return sample_of(self.engines[part].dense(*args, **kwargs))
 
-    def cache_bytes(self) -> int:
+    def cache_bytes(self, where: str | None = None) -> int:
         """Bytes of every recorded call's caches (all steps, encoder, decoder) and the engines'
-        working sets."""
-        return sum(engine.cache_bytes() for engine in self.engines.values())
+        working sets; ``where="device"`` or ``"host"``: only those held there."""
+        return sum(engine.cache_bytes(where) for engine in self.engines.values())
+
+    def place_caches(self, cache_device: str) -> None:
+        """Put the recorded caches where ``cache_device`` says (see the module docstring; what
+        ``generate`` does with the editor's ``cache_device``). Raises ``CacheBudgetError`` when
+        the caches kept on the GPU stay above ``max_cache_bytes``."""
+        where = _where(cache_device)
+        if self._run is None:
+            raise NotRecordedError("place_caches before generate: call editor.generate first")
+        slots = [(part, key) for part in ("encode", "decode") if part in self.engines
+                 for key in self.engines[part].slots]  # fmt: skip
+        steps = len(self._run.timesteps)
+        slots += [("unet", str(i)) for i in reversed(range(steps))]  # the last steps first
+        budget = self.max_cache_bytes
+        for part, key in slots:
+            host = where == "host" or (
+                where == "auto" and budget is not None and self.cache_bytes("device") > budget
+            )
+            self.engines[part].place(key, "host" if host else "device")
+        self._check_budget()
+        self.cache_device = where
 
     # -- one call --------------------------------------------------------------------------------
 
@@ -359,12 +390,14 @@ class SDEditor:
             eps = uncond + self.guidance_scale * (text - uncond)
         return self.scheduler.step(eps, t_int, x).prev_sample
 
-    def _unet(self, step: int, record=False, commit=False, observe=None, mask=None):
+    def _unet(self, step: int, record=False, commit=False, observe=None, mask=None,
+              next_slot=None):  # fmt: skip
         return lambda *a, **k: self._call("unet", *a, slot=step, record=record, commit=commit,
-                                          observe=observe, mask=mask, **k)  # fmt: skip
+                                          observe=observe, mask=mask, next_slot=next_slot,
+                                          **k)  # fmt: skip
 
     def _call(self, part: str, *args, slot=0, record=False, commit=False, mask=None, observe=None,
-              **kwargs):  # fmt: skip
+              next_slot=None, **kwargs):  # fmt: skip
         engine = self.engines.get(part)
         if engine is None:
             module = {"unet": self.unet, "encode": self.encoder(), "decode": self.decoder()}[part]
@@ -372,7 +405,7 @@ class SDEditor:
         if record:
             out = engine.record(*args, slot=slot, **kwargs)
         else:
-            out = engine.edit(*args, slot=slot, mask=mask, **kwargs)
+            out = engine.edit(*args, slot=slot, mask=mask, next_slot=next_slot, **kwargs)
             if observe is not None:
                 observe(part if part != "unet" else f"unet step {slot}", engine, slot)
             if commit:
@@ -400,13 +433,23 @@ class SDEditor:
         return tqdm(timesteps, desc="sigec", unit="step")
 
     def _check_budget(self) -> None:
-        if self.max_cache_bytes is not None and self.cache_bytes() > self.max_cache_bytes:
-            need = self.cache_bytes()
+        need = self.cache_bytes("device")
+        if self.max_cache_bytes is not None and need > self.max_cache_bytes:
+            hint = ("cache_device='auto' or 'host' keeps caches in host memory"
+                    if self.cache_device == "device" else
+                    "the working sets alone exceed it")  # fmt: skip
             raise CacheBudgetError(
-                f"the run's caches need {need / 2**20:.0f} MiB, above max_cache_bytes "
-                f"({self.max_cache_bytes / 2**20:.0f} MiB): use fewer steps, a lower strength or "
-                "a smaller image"
+                f"the run's caches need {need / 2**20:.0f} MiB on the GPU, above max_cache_bytes "
+                f"({self.max_cache_bytes / 2**20:.0f} MiB): {hint}; or use fewer steps, a lower "
+                "strength or a smaller image"
             )
+
+
+def _where(cache_device: str) -> str:
+    if cache_device not in ("device", "host", "auto"):
+        raise ValueError(f"cache_device: expected 'device', 'host' or 'auto', got "
+                         f"{cache_device!r}")  # fmt: skip
+    return cache_device
 
 
 def _digest(t) -> tuple | None:

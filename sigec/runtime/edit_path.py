@@ -62,6 +62,7 @@ class EditPath:
         self.program, self.config, self.edit_gm, self.live = program, config, edit_gm, live
         self.dense_fn = dense_fn  # () -> the dense model as a callable of the flat inputs
         self.last: EditRecord | None = None
+        self.upcoming: tuple[str, SlotCache] | None = None  # (key, slot) edited next: prefetch
         self.warmup_report: dict | None = None
         # maps with a cache whose op writes through a tile list: what undo and commit copy
         self.written_maps = [n for n in program.map_tiles if n in live.cached_maps]
@@ -124,15 +125,19 @@ class EditPath:
     # -- shared steps ----------------------------------------------------------------------------
 
     def _activate(self, key: str, slot: SlotCache) -> bool:
-        """Make the working set hold slot ``key``; True if it had to be loaded."""
-        if self.live.slot == key:
-            return False
-        last = self.last
-        if last is not None and last.key != key and not last.committed:
-            last.slot.replaced_by = key
-        self.live.load(key, slot)
-        self._switched(key, slot)
-        return True
+        """Make the working set hold slot ``key``; True if it had to be loaded. Then start the
+        prefetch of the slot edited next (``upcoming``), which overlaps this edit."""
+        loaded = self.live.slot != key
+        if loaded:
+            last = self.last
+            if last is not None and last.key != key and not last.committed:
+                last.slot.replaced_by = key
+            self.live.load(key, slot)
+            self._switched(key, slot)
+        if self.upcoming is not None:
+            self.live.prefetch(*self.upcoming)
+            self.upcoming = None
+        return loaded
 
     def _check_not_stale(self, slot: SlotCache, flat: list) -> None:
         """Non-image inputs against the slot's record (a host sync; StaleCacheError)."""
@@ -141,6 +146,7 @@ class EditPath:
             if kind != "tensor":
                 continue
             rec, v = slot.recorded_input(i), flat[i]
+            rec = rec.to(v.device, non_blocking=True)  # a host slot's copy is pinned
             same = v.shape == rec.shape and bool((v.to(rec.dtype) == rec).all())
             names.append(self.program.input_names[i])
             changed.append(not same)
@@ -178,7 +184,8 @@ class EditPath:
 
     def inputs_of(self, slot: SlotCache) -> list:
         """The flat inputs of the slot's record (constants from the compiled example)."""
-        return [slot.recorded_input(i) if kind != "const" else self.program.example_meta[i]
+        dev = self.program.image_meta[2]
+        return [slot.recorded_input(i).to(dev) if kind != "const" else self.program.example_meta[i]
                 for i, kind in enumerate(self.program.input_kinds)]  # fmt: skip
 
 

@@ -73,10 +73,44 @@ class SparseEngine(torch.nn.Module):
         flat = self._flatten(args, kwargs)
         return pytree.tree_unflatten(list(self.record_gm(*flat)), self.program.out_spec)
 
-    def cache_bytes(self) -> int:
-        """Bytes of every slot's caches and the one working set."""
+    def cache_bytes(self, where: str | None = None) -> int:
+        """Bytes of every slot's caches and the one working set (with the staging copy of host
+        slots); ``where="device"`` or ``"host"``: only those held there (see ``place``)."""
+        if where not in (None, "device", "host"):
+            raise ValueError(f"where: expected None, 'device' or 'host', got {where!r}")
+        host = sum(state.host_bytes() for state in self.slots.values())
+        if where == "host":
+            return host
         live = self.live.nbytes() if self.live is not None else 0
-        return sum(state.nbytes() for state in self.slots.values()) + live
+        total = sum(state.nbytes() for state in self.slots.values()) + live
+        return total - host if where == "device" else total
+
+    def place(self, slot=0, where: str = "host") -> None:
+        """Keep slot ``slot``'s caches in pinned host memory (``"host"``) or on the engine's
+        device (``"device"``, where a record puts them). A host slot's edits copy its caches in
+        at each slot switch (from a copy ``edit(..., next_slot=...)`` started while the previous
+        edit ran, when there is one) and commit its tiles in place: memory for time, measured in
+        docs/results.md. The slot's uncommitted edit is kept only if it stays where it is."""
+        if where not in ("host", "device"):
+            raise ValueError(f"where: expected 'host' or 'device', got {where!r}")
+        state = self._slot(slot)
+        if state.on_host == (where == "host"):
+            return
+        key = str(slot)
+        self.live.pack_slot(state)
+        if not state.flats:
+            raise RuntimeError(f"slot {slot!r}: its buffers could not be packed; record it again")
+        self.path.forget(key)  # the working set and restore tables held the old addresses
+        state.place(host=where == "host")
+        self.path.prepare(key, state)
+        if where == "host" and len(self.slots) > 1:  # slot switches: a staging copy prefetched
+            self.live.reserve_staging()
+        elif not any(s.on_host for s in self.slots.values()):
+            self.live.staging.forget()  # no host slot left to prefetch
+
+    def placement(self) -> dict[str, str]:
+        """Per slot key: ``"host"`` or ``"device"`` (see ``place``)."""
+        return {k: "host" if s.on_host else "device" for k, s in self.slots.items()}
 
     def _set_program(self, program: Program) -> None:
         self._dense_fn = None
@@ -191,6 +225,25 @@ class SparseEngine(torch.nn.Module):
         for name, (layout, res) in prog.layouts.items():
             if name in values:  # a map kept in a token layout: the edit holds maps
                 values[name] = layout_to_map(values[name], layout, res)
+        fresh: dict[str, torch.Tensor] = {}  # key -> this record's value (on the device)
+        for name in prog.statics:
+            fresh[f"static__{name}"] = values[name]
+        for nf in prog.norms:
+            if nf.incremental:
+                xg = values[nf.input].reshape(*values[nf.input].shape[:1], nf.num_groups, -1)
+                xg = xg.double()
+                fresh[f"norm__{nf.name}__s1"] = xg.sum(-1)
+                fresh[f"norm__{nf.name}__s2"] = (xg * xg).sum(-1)
+                continue
+            fresh[f"norm__{nf.name}__scale"], fresh[f"norm__{nf.name}__shift"] = _fold_norm(
+                nf, values)  # fmt: skip
+        for i, kind in enumerate(prog.input_kinds):
+            if kind != "const":
+                fresh[f"input__{i}"] = flat[i]
+        if prog.prelude_gm is not None:  # edit-invariant arithmetic, once per record
+            held = SlotCache.holding(fresh)  # read on the device (the slot may be on the host)
+            for name, value in zip(prog.hoisted, prog.prelude_gm(held), strict=True):
+                fresh[f"static__{name}"] = value
         for name in prog.maps:
             if name in prog.private_maps:  # read only where this edit writes: no cache
                 continue
@@ -198,29 +251,14 @@ class SparseEngine(torch.nn.Module):
             if self.config.channels_last and value.dim() == 4:
                 value = value.contiguous(memory_format=torch.channels_last)
             state.set_map(name, value)
-        for name in prog.statics:
-            state.set_buffer(f"static__{name}", values[name])
-        for nf in prog.norms:
-            if nf.incremental:
-                xg = values[nf.input].reshape(*values[nf.input].shape[:1], nf.num_groups, -1)
-                xg = xg.double()
-                state.set_buffer(f"norm__{nf.name}__s1", xg.sum(-1))
-                state.set_buffer(f"norm__{nf.name}__s2", (xg * xg).sum(-1))
-                continue
-            scale, shift = _fold_norm(nf, values)
-            state.set_buffer(f"norm__{nf.name}__scale", scale)
-            state.set_buffer(f"norm__{nf.name}__shift", shift)
-        for i, kind in enumerate(prog.input_kinds):
-            if kind != "const":
-                state.set_buffer(f"input__{i}", flat[i])
-        if prog.prelude_gm is not None:  # edit-invariant arithmetic, once per record
-            for name, value in zip(prog.hoisted, prog.prelude_gm(state), strict=True):
-                state.set_buffer(f"static__{name}", value)
+        for key, value in fresh.items():
+            state.set_buffer(key, value)
         state.set_outputs(list(outs))
+        state.version += 1  # a prefetched copy of its old values is stale
         return list(outs)
 
     @torch.no_grad()
-    def edit(self, *args, slot=0, mask=None, **kwargs):
+    def edit(self, *args, slot=0, mask=None, next_slot=None, **kwargs):
         """Run the model on edited inputs, recomputing only the edited region.
 
         Args:
@@ -229,6 +267,8 @@ class SparseEngine(torch.nn.Module):
             mask: optional bool ``[H, W]`` or ``[B, H, W]`` at the image's resolution; default:
                 pixels where any channel changed by more than ``config.mask_eps``, dilated by
                 ``config.mask_dilation``.
+            next_slot: the slot edited next, if known: when its caches are on the host
+                (``place``), their copy to the device starts while this edit runs.
 
         Returns:
             The model's output, in the model's own output type.
@@ -239,6 +279,8 @@ class SparseEngine(torch.nn.Module):
             self.warmup(slot)
             self._warmup_in_edit = True
         edit_mask = self._edit_mask(state, flat, mask)
+        if next_slot is not None and str(next_slot) in self.slots:
+            self.path.upcoming = (str(next_slot), self.slots[str(next_slot)])
         outs = self.path.run(str(slot), state, flat, edit_mask)
         outs = [o.clone() if isinstance(o, torch.Tensor) else o for o in outs]
         return pytree.tree_unflatten(outs, self.program.out_spec)
@@ -253,6 +295,7 @@ class SparseEngine(torch.nn.Module):
         state = self._slot(slot)
         with torch.no_grad():
             self.path.commit(str(slot), state, self._record_into)
+        state.version += 1  # a prefetched copy of its old values is stale
 
     def _edit_mask(self, state: SlotCache, flat: list, mask) -> torch.Tensor:
         h, w = self.program.input_resolution
@@ -261,7 +304,8 @@ class SparseEngine(torch.nn.Module):
             for i, kind in enumerate(self.program.input_kinds):
                 if kind != "spatial":
                     continue
-                d = difference_mask(state.recorded_input(i), flat[i], self.config.mask_eps)
+                rec = state.recorded_input(i).to(flat[i].device, non_blocking=True)
+                d = difference_mask(rec, flat[i], self.config.mask_eps)
                 d = d.any(0, keepdim=True)
                 if tuple(d.shape[-2:]) != (h, w):
                     d = torch.nn.functional.interpolate(d[None].float(), size=(h, w))[0] > 0
@@ -375,6 +419,10 @@ class SparseEngine(torch.nn.Module):
             "macs_by_op": spent.by_op,
             "cache_bytes": state.nbytes() if state is not None else 0,
             "live_bytes": self.live.nbytes() if self.live is not None else 0,
+            "cache": {"where": ("host" if state.on_host else "device") if state else None,
+                      "device_bytes": self.cache_bytes("device"),
+                      "host_bytes": self.cache_bytes("host"),
+                      **(self.live.staging.stats() if self.live is not None else {})},
             "dense_fallbacks": [
                 {"node": n, "op": op, "reason": why} for n, op, why in prog.fallbacks
             ],
@@ -396,6 +444,10 @@ class SparseEngine(torch.nn.Module):
         if self._rebuild is not None:
             self._set_program(self._rebuild(device, dtype))
         holders = list(self.slots.values()) + ([self.live] if self.live is not None else [])
+        for state in self.slots.values():
+            state.on_host = False  # moved buffer by buffer: unpacked, all on ``device``
+        if self.live is not None:
+            self.live.staging.forget()
         for holder in holders:
             holder.to(device=device)
             if dtype is not None:

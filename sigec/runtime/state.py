@@ -14,6 +14,12 @@ same CUDA graphs serve every slot; switching to another slot copies that slot's 
 at its record, in the working set's layout), and an edit of one slot replaces the uncommitted
 edit of another (there is one working set). Memory: one working set per engine, one set of
 caches per slot.
+
+A slot's packed buffers may live in pinned host memory instead (``SlotCache.place``): a load then
+copies them in from the host, or from the device copy that ``LiveState.prefetch`` started on a
+side stream while the previous edit ran (``sigec.runtime.offload.Staging``). The undo and commit
+launches read and write a host slot's tiles in place (pinned memory is addressable from CUDA
+kernels), so only a slot switch moves whole caches.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from sigec.runtime.masks import TileSet
+from sigec.runtime.offload import Staging, to_pinned
 
 
 class _Buffers(torch.nn.Module):
@@ -53,6 +60,14 @@ class _Buffers(torch.nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    @classmethod
+    def holding(cls, values: dict[str, torch.Tensor]) -> _Buffers:
+        """A holder of ``values`` by key (not copied): what the prelude reads at a record."""
+        holder = cls()
+        for key, value in values.items():
+            holder.register_buffer(key, value)
+        return holder
+
 
 class SlotCache(_Buffers):
     """One record's values: caches of the sparse maps, statics, norms, inputs (see above)."""
@@ -64,6 +79,9 @@ class SlotCache(_Buffers):
         self.map_names: list[str] = []  # maps with a cache (not the private ones)
         self.replaced_by: str | None = None  # its uncommitted edit was replaced by this slot's
         self.output_kinds: list = []  # per flat output: its index (a tensor) or its value
+        self.version = 0  # bumped by every record and commit: a prefetched copy of another is stale
+        self.on_host = False  # its packed buffers live in (pinned) host memory (``place``)
+        self._device: torch.device | None = None  # where they go back to
 
     def set_outputs(self, outs: list) -> None:
         """Keep the record's outputs (``output__<i>``): an edit with an empty mask returns them."""
@@ -99,6 +117,35 @@ class SlotCache(_Buffers):
             self._flats, self._flat_keys = pack(self, keys), list(keys)
         return self._flats
 
+    @property
+    def flats(self) -> dict:
+        """The packed flat tensors (one per dtype; empty before ``packed``)."""
+        return self._flats
+
+    def place(self, host: bool) -> None:
+        """Move the packed buffers to pinned host memory (``host``; pinned when they are on CUDA,
+        left where they are on a CPU engine) or back to the device they came from. The slot must
+        be packed (``LiveState.pack_slot``); its unpacked buffers (outputs) stay where they are.
+        Every tensor of the packed keys is replaced: tables holding their addresses must be made
+        again."""
+        if host == self.on_host:
+            return
+        if not self._flats:
+            raise RuntimeError("SlotCache.place: pack the slot first (LiveState.pack_slot)")
+        if host:
+            self._device = next(iter(self._flats.values())).device
+            move = to_pinned
+        else:
+            move = lambda t: t.to(self._device)  # noqa: E731
+        self._flats = relocate(self, self._flats, self._flat_keys, move)
+        self.on_host = host
+
+    def host_bytes(self) -> int:
+        """Bytes of this slot held in host memory (its packed buffers, when placed there)."""
+        if not self.on_host:
+            return 0
+        return sum(f.numel() * f.element_size() for f in self._flats.values())
+
 
 ALIGN = 256  # elements between packed buffers: every view keeps the allocator's alignment
 
@@ -125,6 +172,17 @@ def pack(module: _Buffers, keys: list[str]) -> dict[torch.dtype, torch.Tensor]:
         flats[dt] = flat
     module._pack_heads = [ks[0] for ks in groups.values()]
     return flats
+
+
+def relocate(module: _Buffers, flats: dict, keys: list[str], move) -> dict:
+    """Packed ``flats`` := ``move(flat)`` per dtype, and every buffer of ``keys`` re-pointed at
+    the same offset of the moved flat (shapes and strides kept)."""
+    moved = {dt: move(flat) for dt, flat in flats.items()}
+    for k in keys:
+        b = module._buffers[k]
+        offset = b.storage_offset() - flats[b.dtype].storage_offset()
+        module._buffers[k] = moved[b.dtype].as_strided(b.shape, b.stride(), offset)
+    return moved
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -184,6 +242,7 @@ class LiveState(_Buffers):
             self.register_buffer(f"livecache__{name}", first.cache(name).clone())
         self._small = first.small_keys()
         self._flats = pack(self, [f"work__{n}" for n in self.cached_maps] + self._small)
+        self.staging = Staging()  # a host slot's caches, copied to the device ahead of its load
 
     def work(self, name: str) -> torch.Tensor:
         return self._buffers[f"work__{name}"]
@@ -208,15 +267,18 @@ class LiveState(_Buffers):
     def load(self, key: str, slot: SlotCache) -> None:
         """Make this the working set of ``slot``: every working map := its cache, every small
         buffer := the slot's. A full copy: one copy per dtype once both sides are packed (the
-        slot is packed on its first load), a multi-tensor copy otherwise."""
+        slot is packed on its first load), a multi-tensor copy otherwise. A slot in host memory
+        is copied from its prefetched device copy when ``prefetch`` made one of its current
+        values, straight from the host otherwise (stream-ordered either way)."""
         src_keys = [f"cache__{n}" for n in self.cached_maps] + self._small
         dst_keys = [f"work__{n}" for n in self.cached_maps] + self._small
         if not _packed(self, self._flats, dst_keys):
             self._flats = pack(self, dst_keys)
         flats = slot.packed(src_keys)
         if flats is not None and _same_layout(flats, self._flats):
-            for dt, flat in flats.items():
-                self._flats[dt].copy_(flat)
+            staged = self.staging.take(key, slot) if slot.on_host else None
+            for dt, flat in (staged or flats).items():
+                self._flats[dt].copy_(flat, non_blocking=True)
         else:  # the slot's buffers differ in layout (or are missing): tensor by tensor
             torch._foreach_copy_([self._buffers[k] for k in dst_keys],
                                  [slot._buffers[k] for k in src_keys])  # fmt: skip
@@ -225,6 +287,24 @@ class LiveState(_Buffers):
                                  [slot.cache(n) for n in self.sources])  # fmt: skip
         self.slot = key
 
+    def prefetch(self, key: str, slot: SlotCache) -> bool:
+        """Start copying host slot ``key``'s caches to the device (a side stream on CUDA), for
+        its next ``load``; False when there is nothing to prefetch (a device slot, an unpacked
+        one, or the slot the working set holds)."""
+        if not slot.on_host or self.slot == key or not slot.flats:
+            return False
+        if not _same_layout(slot.flats, self._flats):
+            return False
+        return self.staging.prefetch(key, slot.version, slot.flats, self._flats)
+
+    def reserve_staging(self) -> None:
+        """Allocate the device copy ``prefetch`` fills (counted in ``nbytes`` from now on)."""
+        self.staging.reserve(self._flats)
+
     def work_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for k, b in self._buffers.items()
                    if k.startswith(("work__", "livecache__")))  # fmt: skip
+
+    def nbytes(self) -> int:
+        """The working set and, once a host slot was prefetched, its device copy."""
+        return super().nbytes() + self.staging.nbytes()

@@ -29,6 +29,15 @@ def _ddpm():
     return UNet2DModel(**DDPM_TINY).eval()
 
 
+def _latent_ddpm():
+    """A tiny pixel-space UNet on the tiny VAE's 4-channel latents."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    config = {**DDPM_TINY, "sample_size": 16, "in_channels": 4, "out_channels": 4}
+    return UNet2DModel(**config).eval()
+
+
 def _painted(img, fraction=0.06, seed=1):
     m = blob_mask(*img.shape[-2:], fraction, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -109,6 +118,50 @@ def test_edit_before_generate_and_budgets_are_typed_errors():
         SDEditor(unet, config=TRUNC, steps=4, max_cache_bytes=1000).generate(img)
     with pytest.raises(ValueError, match="strength"):
         SDEditor(unet, strength=1.5)
+
+
+def test_caches_on_the_host_or_split_by_a_budget_edit_like_caches_on_the_device():
+    """cache_device="host" (every step's caches on the host, the next step's prefetched) and
+    "auto" (on the device up to max_cache_bytes, the last steps on the host): the same images
+    as all on the device, bit for bit, edits and commits; the device holds what the budget says.
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**SD_VAE_TINY).eval()
+    unet = _latent_ddpm()
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    first, second = _painted(img, 0.05), _painted(img, 0.04, seed=7)
+    kw = dict(vae=vae, config=TRUNC, steps=8, strength=0.5)
+    ref = SDEditor(unet, **kw)
+    ref.generate(img, seed=3)
+    all_device = ref.cache_bytes("device")
+    step = ref.engines["unet"].slots["0"].nbytes()
+    vae_slots = sum(s.nbytes() for p in ("encode", "decode") for s in ref.engines[p].slots.values())
+    # neither the VAE's caches nor two more steps fit: three steps move (one staging copy)
+    budget = all_device - vae_slots - 2 * step
+    editors = {
+        "host": SDEditor(unet, **kw, cache_device="host"),
+        "auto": SDEditor(unet, **kw, cache_device="auto", max_cache_bytes=budget),
+    }
+    want = [ref.edit(first, seed=3, commit=True), ref.edit(second, seed=3)]
+    for name, editor in editors.items():
+        editor.generate(img, seed=3)
+        got = [editor.edit(first, seed=3, commit=True), editor.edit(second, seed=3)]
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert editor.cache_bytes("device") + editor.cache_bytes("host") == editor.cache_bytes()
+    host, auto = editors["host"], editors["auto"]
+    assert set(host.engines["unet"].placement().values()) == {"host"}
+    assert host.engines["unet"].stats()["cache"]["prefetch_hits"] > 0
+    assert auto.cache_bytes("device") <= budget < all_device
+    placed = auto.engines["unet"].placement()
+    assert [placed[str(i)] for i in range(len(placed))] == ["device"] + ["host"] * 3
+    assert set(auto.engines["decode"].placement().values()) == {"host"}  # no copy per edit
+    with pytest.raises(CacheBudgetError, match="working sets"):
+        SDEditor(unet, **kw, cache_device="host", max_cache_bytes=1000).generate(img, seed=3)
+    with pytest.raises(ValueError, match="cache_device"):
+        SDEditor(unet, cache_device="cpu")
 
 
 def test_an_editor_over_a_compiled_engine_edits_like_one_over_the_module():
