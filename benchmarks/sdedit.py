@@ -175,9 +175,15 @@ def main() -> None:
     for where, budget in placements:
         editor.max_cache_bytes = budget
         torch.cuda.reset_peak_memory_stats() if on_gpu else None
-        secs, _ = _wall(lambda w=where: editor.place_caches(w), dev)
         label = where if budget is None else f"{where} {args.auto_gib:g} GiB"
-        session(label)["place_s"] = secs
+        try:
+            secs, _ = _wall(lambda w=where: editor.place_caches(w), dev)
+            session(label)["place_s"] = secs
+        except Exception as e:  # keep what was measured; the compiled baseline still runs
+            import traceback
+
+            traceback.print_exc()
+            res["sessions"][label] = {"error": f"{type(e).__name__}: {e}"}
         dump()
     editor.max_cache_bytes = None
     editor.place_caches("device")
