@@ -206,8 +206,6 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
 
     targs = pytree.tree_map(to_tiles, args, flags[0])
     tkwargs = pytree.tree_map(to_tiles, kwargs, flags[1])
-    if compiled and ts.out_corners.is_cuda:
-        _tile_count_dynamic(pytree.tree_leaves((targs, tkwargs)), n * m)
     y = fn(*targs, **tkwargs)
     if as_tiles is not None:
         return y.to(as_tiles)
@@ -217,20 +215,10 @@ def tile_op(state, tiles, fn, args, kwargs, flags, *, name: str, tile_key: str,
     return out
 
 
-def _tile_count_dynamic(values, rows: int) -> None:
-    """Mark the tile dimension (dim 0, ``rows`` = N * tiles) of the tile batches dynamic, so
-    that an expression compiles once for every tile count (not once static, then again)."""
-    if rows < 2:  # 0 and 1 are specialised by torch.compile: the next count recompiles
-        return
-    for v in values:
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows:
-            torch._dynamo.maybe_mark_dynamic(v, 0)
-
-
 def _compiled_expression(fn):
-    """``fn`` compiled by inductor, kept on the expression module (compiled on first use, with
-    the tile count a dynamic dimension: ``_tile_count_dynamic``). If inductor fails on it, the
-    expression runs eagerly from then on, with a warning."""
+    """``fn`` compiled by inductor, kept on the expression module (compiled on first use; a new
+    tile count recompiles once, after which the count is a dynamic dimension). If inductor fails
+    on it, the expression runs eagerly from then on, with a warning."""
     runner = fn.__dict__.get("_sigec_runner")
     if runner is None:
         runner = CompiledOrEager(fn, "a tile expression", "tile_expressions")
