@@ -363,12 +363,20 @@ class SDEditor:
                  for key in self.engines[part].slots]  # fmt: skip
         steps = len(self._run.timesteps)
         slots += [("unet", str(i)) for i in reversed(range(steps))]  # the last steps first
-        budget = self.max_cache_bytes
-        for part, key in slots:
-            host = where == "host" or (
-                where == "auto" and budget is not None and self.cache_bytes("device") > budget
-            )
-            self.engines[part].place(key, "host" if host else "device")
+        host = set(slots) if where == "host" else set()
+        if where == "auto" and self.max_cache_bytes is not None:  # planned from sizes alone
+            need = sum(e.live.nbytes() - e.live.staging.nbytes() for e in self.engines.values())
+            need += sum(self.engines[p].slots[k].nbytes() for p, k in slots)
+            for part, key in slots:
+                if need <= self.max_cache_bytes:
+                    break
+                engine = self.engines[part]
+                host.add((part, key))
+                need -= engine.slots[key].nbytes()
+                if len(engine.slots) > 1 and sum(p == part for p, _ in host) == 1:
+                    need += engine.live.packed_bytes()  # its staging copy
+        for part, key in sorted(slots, key=lambda s: s not in host):  # free the GPU first
+            self.engines[part].place(key, "host" if (part, key) in host else "device")
         self._check_budget()
         self.cache_device = where
 

@@ -58,7 +58,13 @@ class _Buffers(torch.nn.Module):
         return [k for k in self._buffers if k.split("__")[0] in ("static", "norm", "input")]
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held: each packed flat tensor in full (alignment padding too), then every
+        buffer outside them."""
+        flats = getattr(self, "_flats", None) or {}
+        inside = {f.untyped_storage().data_ptr() for f in flats.values()}
+        total = sum(f.numel() * f.element_size() for f in flats.values())
+        return total + sum(b.numel() * b.element_size() for b in self.buffers()
+                           if b.untyped_storage().data_ptr() not in inside)  # fmt: skip
 
     @classmethod
     def holding(cls, values: dict[str, torch.Tensor]) -> _Buffers:
@@ -296,6 +302,10 @@ class LiveState(_Buffers):
         if not _same_layout(slot.flats, self._flats):
             return False
         return self.staging.prefetch(key, slot.version, slot.flats, self._flats)
+
+    def packed_bytes(self) -> int:
+        """Bytes of what a slot switch copies (the staging copy's size)."""
+        return sum(f.numel() * f.element_size() for f in self._flats.values())
 
     def reserve_staging(self) -> None:
         """Allocate the device copy ``prefetch`` fills (counted in ``nbytes`` from now on)."""

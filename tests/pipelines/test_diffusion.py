@@ -136,10 +136,11 @@ def test_caches_on_the_host_or_split_by_a_budget_edit_like_caches_on_the_device(
     ref = SDEditor(unet, **kw)
     ref.generate(img, seed=3)
     all_device = ref.cache_bytes("device")
-    step = ref.engines["unet"].slots["0"].nbytes()
-    vae_slots = sum(s.nbytes() for p in ("encode", "decode") for s in ref.engines[p].slots.values())
+    # what moving a slot frees: its packed caches (a slot switch's copy, and the staging's size)
+    step = ref.engines["unet"].live.packed_bytes()
+    vae = sum(ref.engines[p].live.packed_bytes() for p in ("encode", "decode"))
     # neither the VAE's caches nor two more steps fit: three steps move (one staging copy)
-    budget = all_device - vae_slots - 2 * step
+    budget = all_device - vae - 2 * step
     editors = {
         "host": SDEditor(unet, **kw, cache_device="host"),
         "auto": SDEditor(unet, **kw, cache_device="auto", max_cache_bytes=budget),
@@ -158,6 +159,10 @@ def test_caches_on_the_host_or_split_by_a_budget_edit_like_caches_on_the_device(
     placed = auto.engines["unet"].placement()
     assert [placed[str(i)] for i in range(len(placed))] == ["device"] + ["host"] * 3
     assert set(auto.engines["decode"].placement().values()) == {"host"}  # no copy per edit
+    host.max_cache_bytes = budget  # from all on the host to the budget's split: the same plan
+    host.place_caches("auto")
+    assert host.engines["unet"].placement() == placed and host.cache_bytes("device") <= budget
+    torch.testing.assert_close(host.edit(second, seed=3), want[1], rtol=0, atol=0)
     with pytest.raises(CacheBudgetError, match="working sets"):
         SDEditor(unet, **kw, cache_device="host", max_cache_bytes=1000).generate(img, seed=3)
     with pytest.raises(ValueError, match="cache_device"):
