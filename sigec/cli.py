@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, default=0, help="SDEdit noise seed")
     edit.add_argument("--prompt", help="text prompt (a pipeline folder with a text encoder)")
     edit.add_argument("--device", help="where to run (default: the engine's)")
+    edit.add_argument(
+        "--cache-device",
+        choices=["device", "host", "auto"],
+        default="device",
+        help="where an SDEdit trajectory keeps its per-step caches: on the GPU "
+        "(default) or in pinned host memory (less GPU memory, slower edits)",
+    )
     _trajectory_arguments(edit, steps=20)
     conv = sub.add_parser(
         "convert",
@@ -253,7 +260,8 @@ def _cmd_edit(args) -> int:
     try:
         flow = workflow.open_workflow(args.model, kind=args.kind, steps=args.steps,
                                       strength=args.strength, seed=args.seed, prompt=args.prompt,
-                                      device=args.device, progress=True)  # fmt: skip
+                                      device=args.device, progress=True,
+                                      cache_device=args.cache_device)  # fmt: skip
         size, classes = flow.input_size()
         if flow.kind == "labels":
             original = images.read_label_map(args.image, classes, size)

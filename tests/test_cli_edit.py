@@ -66,6 +66,13 @@ def test_edit_a_ddpm_engine_with_a_mask_or_an_edited_picture(ddpm_engine, tmp_pa
     err = capsys.readouterr().err
     assert "already has" in err and "--force" in err
     assert main([*argv2, "--force"]) == 0
+    # per-step caches in host memory: the same result, the summary says where they were
+    out3 = tmp_path / "host-caches"
+    argv3 = [*argv2[:-4], "--out", str(out3), "--steps", "6", "--cache-device", "host"]
+    assert main(argv3) == 0
+    assert "of them in host memory" in capsys.readouterr().out
+    assert torch.equal(images.read_image(out3 / "result.png"), r2)
+    assert _summary(out3)["host_cache_bytes"] > 0
 
 
 @pytest.mark.parametrize(

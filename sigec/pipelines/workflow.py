@@ -3,8 +3,8 @@ a diffusers folder or a module), generate the original, edit it, and report the 
 dense run with pictures.
 
 A *workflow* is one of three kinds, each with the same interface (``generate(x)``,
-``edit(x, mask, observe=None)``, ``dense(x)``, ``commit()``, ``cache_bytes()``, ``picture(x)``,
-``input_size()``, ``device()``):
+``edit(x, mask, observe=None)``, ``dense(x)``, ``commit()``, ``cache_bytes(where=None)``,
+``picture(x)``, ``input_size()``, ``device()``):
 
 - ``sdedit``: an SDEdit trajectory over a diffusion UNet (``SDEditor``): a pixel-space UNet with a
   timestep (DDPM), or a pipeline's UNet with its VAE (and prompt encoder);
@@ -73,8 +73,8 @@ class SDEditFlow:
     def commit(self):
         self.editor.commit()
 
-    def cache_bytes(self) -> int:
-        return self.editor.cache_bytes()
+    def cache_bytes(self, where: str | None = None) -> int:
+        return self.editor.cache_bytes(where)
 
     def picture(self, x):
         return x
@@ -122,8 +122,8 @@ class LabelFlow:
     def commit(self):
         self.editor.commit()
 
-    def cache_bytes(self) -> int:
-        return self.editor.engine.cache_bytes()
+    def cache_bytes(self, where: str | None = None) -> int:
+        return self.editor.engine.cache_bytes(where)
 
     def picture(self, x):
         return images.label_colours(x)
@@ -168,8 +168,8 @@ class CallFlow:
     def commit(self):
         self.engine.commit()
 
-    def cache_bytes(self) -> int:
-        return self.engine.cache_bytes()
+    def cache_bytes(self, where: str | None = None) -> int:
+        return self.engine.cache_bytes(where)
 
     def picture(self, x):
         return images.label_colours(x) if images.is_label_map(x) else x
@@ -199,10 +199,13 @@ def _device_of(model) -> torch.device:
 
 
 def open_workflow(target, *, kind: str | None = None, steps: int = 20, strength: float = 0.5,
-                  seed: int = 0, prompt: str | None = None, device=None,
-                  progress: bool = False):  # fmt: skip
+                  seed: int = 0, prompt: str | None = None, device=None, progress: bool = False,
+                  cache_device: str = "device"):  # fmt: skip
     """The workflow of ``target``: an engine file (``sigec convert``), a diffusers model or
-    pipeline folder, or a ``SparseEngine``. ``kind`` overrides what the model says it is."""
+    pipeline folder, or a ``SparseEngine``. ``kind`` overrides what the model says it is;
+    ``cache_device``: where an SDEdit trajectory keeps its caches (``SDEditor``'s)."""
+    trajectory = {"steps": steps, "strength": strength, "progress": progress,
+                  "cache_device": cache_device}  # fmt: skip
     if isinstance(target, SparseEngine):
         engine = target
     else:
@@ -210,14 +213,13 @@ def open_workflow(target, *, kind: str | None = None, steps: int = 20, strength:
         if not path.exists():
             raise CheckpointError(f"{path}: no such engine file or diffusers folder")
         if path.is_dir():
-            return _open_folder(path, kind, steps, strength, seed, prompt, device, progress)
+            return _open_folder(path, kind, trajectory, seed, prompt, device)
         import sigec
 
         engine = sigec.load(path, device=device)
     kind = kind or engine_kind(engine)
     if kind == "sdedit":
-        editor = SDEditor(engine, steps=steps, strength=strength, progress=progress)
-        return SDEditFlow(editor, seed=seed)
+        return SDEditFlow(SDEditor(engine, **trajectory), seed=seed)
     if kind == "labels":
         return LabelFlow(LabelMapEditor(engine))
     if kind == "call":
@@ -255,7 +257,7 @@ def _example_rest(engine: SparseEngine) -> tuple[tuple, dict]:
     return tuple(args), kwargs
 
 
-def _open_folder(path: Path, kind, steps, strength, seed, prompt, device, progress):
+def _open_folder(path: Path, kind, trajectory: dict, seed, prompt, device):
     import diffusers
 
     if (path / "model_index.json").exists():  # a pipeline folder
@@ -268,7 +270,7 @@ def _open_folder(path: Path, kind, steps, strength, seed, prompt, device, progre
             pipe = pipe.to(device)
         if not hasattr(pipe, "unet"):
             raise CheckpointError(f"{path}: a {type(pipe).__name__} has no UNet to edit with")
-        editor = SDEditor.from_pipe(pipe, steps=steps, strength=strength, progress=progress)
+        editor = SDEditor.from_pipe(pipe, **trajectory)
         if getattr(pipe, "text_encoder", None) is not None and prompt is None:
             prompt = ""  # an unconditioned edit; --prompt conditions it
         return SDEditFlow(editor, seed=seed, prompt=prompt)
@@ -278,8 +280,7 @@ def _open_folder(path: Path, kind, steps, strength, seed, prompt, device, progre
     if device is not None:
         model = model.to(device)
     if kind in (None, "sdedit") and type(model).__name__ == "UNet2DModel":
-        return SDEditFlow(SDEditor(model, steps=steps, strength=strength, progress=progress),
-                          seed=seed)  # fmt: skip
+        return SDEditFlow(SDEditor(model, **trajectory), seed=seed)
     raise CheckpointError(
         f"{path}: a {type(model).__name__} folder edits in a pipeline (its VAE and prompt "
         "encoder): pass the pipeline's folder"
@@ -302,6 +303,7 @@ class EditReport:
     ran_dense: int = 0  # calls the cost model sent to the dense model
     calls: int = 0
     cache_bytes: int = 0
+    host_cache_bytes: int = 0
     mask_fraction: float = 0.0
     psnr: float | None = None
     max_error: float | None = None
@@ -327,8 +329,10 @@ class EditReport:
             out.append(f"fidelity vs dense on the edited input: PSNR {self.psnr:.1f} dB, max "
                        f"error {self.max_error:.2e}, outside the mask "
                        f"{self.outside_error:.2e}")  # fmt: skip
+        where = f", {self.host_cache_bytes / 2**20:.1f} MiB of them in host memory" if (
+            self.host_cache_bytes) else ""  # fmt: skip
         out.append(f"cache: {self.cache_bytes / 2**20:.1f} MiB (every call's caches and the "
-                   "working sets)")  # fmt: skip
+                   f"working sets{where})")  # fmt: skip
         return out
 
     def summary(self) -> dict:
@@ -393,7 +397,7 @@ def run_edit(flow, original: torch.Tensor, edited: torch.Tensor, mask: torch.Ten
     if best:
         rep.tiles_of = best[1]
         rep.pictures.update({f"tiles_{res}": pic for res, pic in best[2].items()})
-    rep.cache_bytes = flow.cache_bytes()
+    rep.cache_bytes, rep.host_cache_bytes = flow.cache_bytes(), flow.cache_bytes("host")
     if check_dense:
         t0 = time.perf_counter()
         dense = flow.dense(edited)
