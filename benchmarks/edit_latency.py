@@ -51,6 +51,27 @@ def time_ms(fn, warmup: int, repeat: int, device) -> float:
     return statistics.median(times)
 
 
+def config_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of a ``--also`` argument: a SparseConfig field and its Python literal."""
+    import ast
+
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def sige_config_with(name: str, overrides: dict) -> dict:
+    """The model's SIGE settings with ``overrides``; a ``block_size`` override changes only the
+    kinds it names."""
+    config = {**MODELS[name].sige_config, **overrides}
+    if "block_size" in overrides:
+        config["block_size"] = {**MODELS[name].sige_config.get("block_size", {}),
+                                **overrides["block_size"]}  # fmt: skip
+    return config
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     mse = torch.mean((a - b) ** 2).item()

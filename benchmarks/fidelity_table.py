@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sigec  # noqa: E402
-from benchmarks.edit_latency import DTYPES, psnr  # noqa: E402
-from sigec.models.configs import MODELS, build_on  # noqa: E402
+from benchmarks.edit_latency import DTYPES, config_override, psnr, sige_config_with  # noqa: E402
+from sigec.models.configs import build_on  # noqa: E402
 from sigec.runtime.masks import blob_mask  # noqa: E402
 
 FRACTIONS = (0.012, 0.017, 0.05, 0.15, 0.30, 1.0)
@@ -34,7 +34,8 @@ def _sample(out):
     return out.sample if hasattr(out, "sample") else out
 
 
-def run(name: str, device, dtype, fractions, fit_tiles: bool = False) -> dict:
+def run(name: str, device, dtype, fractions, overrides: dict, modes=("cached", "incremental"),
+        ) -> dict:  # fmt: skip
     model, inputs, kwargs = build_on(name, device, dtype)
     x, rest = inputs[0], inputs[1:]
     h, w = x.shape[-2:]
@@ -47,9 +48,9 @@ def run(name: str, device, dtype, fractions, fit_tiles: bool = False) -> dict:
             x_edit = torch.where(mask, new, x)
             edits.append((fraction, mask, x_edit, _sample(model(x_edit, *rest, **kwargs))))
     rows = {f: {"fraction": f} for f in fractions}
-    for stats_mode in ("cached", "incremental"):
-        config = sigec.SparseConfig(norm_stats=stats_mode, fit_tiles=fit_tiles,
-                                    **MODELS[name].sige_config)  # fmt: skip
+    settings = sige_config_with(name, overrides)
+    for stats_mode in modes:
+        config = sigec.SparseConfig(norm_stats=stats_mode, **settings)
         t0 = time.perf_counter()
         engine = sigec.compile(model, inputs, kwargs, config=config)
         engine.record(*inputs, **kwargs)
@@ -69,7 +70,7 @@ def run(name: str, device, dtype, fractions, fit_tiles: bool = False) -> dict:
             row[f"max_err_outside_{stats_mode}"] = err_out
             print(name, stats_mode, row, flush=True)
         cache = st["cache_bytes"]
-    return {"model": name, "config": MODELS[name].sige_config, "cache_bytes": cache,
+    return {"model": name, "config": settings, "cache_bytes": cache,
             "dense_gmacs": st["dense_macs"] / 1e9, "rows": list(rows.values())}  # fmt: skip
 
 
@@ -79,7 +80,22 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
-    p.add_argument("--fit-tiles", action="store_true", help="SparseConfig(fit_tiles=True)")
+    p.add_argument(
+        "--also",
+        type=config_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a SparseConfig field changed (block_size merges "
+        "with the model's: --also \"block_size={'pointwise': 4}\" fit_tiles=True)",
+    )
+    p.add_argument(
+        "--stats",
+        nargs="+",
+        default=["cached", "incremental"],
+        choices=["cached", "incremental"],
+        help="norm_stats modes to run",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -87,8 +103,9 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "torch": torch.__version__,
-        "fit_tiles": args.fit_tiles,
-        "results": [run(m, device, dtype, args.fractions, args.fit_tiles) for m in args.models],
+        "overrides": dict(args.also),
+        "results": [run(m, device, dtype, args.fractions, dict(args.also), args.stats)
+                    for m in args.models],
     }  # fmt: skip
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1))

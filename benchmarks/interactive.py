@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sigec  # noqa: E402
-from benchmarks.edit_latency import psnr, time_ms  # noqa: E402
+from benchmarks.edit_latency import config_override, psnr, sige_config_with, time_ms  # noqa: E402
 from sigec.models.configs import MODELS, build_on  # noqa: E402
 from sigec.runtime.masks import edit_sequence  # noqa: E402
 
@@ -91,7 +91,7 @@ def edited(name: str, x: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.T
 
 
 def build_engine(name, model, inputs, kwargs, overrides):
-    config = sigec.SparseConfig(cuda_graphs=True, **{**MODELS[name].sige_config, **overrides})
+    config = sigec.SparseConfig(cuda_graphs=True, **sige_config_with(name, overrides))
     t0 = time.perf_counter()
     engine = sigec.compile(model, inputs, kwargs, config=config)
     compile_s = time.perf_counter() - t0
@@ -287,16 +287,6 @@ def _second_process(name: str, args) -> dict:
     return res
 
 
-def _override(text: str):
-    import ast
-
-    key, _, value = text.partition("=")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(STANDARD), choices=sorted(MODELS))
@@ -318,7 +308,7 @@ def main() -> None:
         help="repeat compile + warm-up in a second process (warm disk caches)",
     )
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--also", type=_override, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--also", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                    help="a SparseConfig field changed for sigec")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/interactive.json"))
     args = p.parse_args()
