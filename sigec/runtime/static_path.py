@@ -22,7 +22,8 @@ The graphs read only the engine's ``LiveState`` and fixed buffers, so they serve
 undo launch reads the active slot's caches through a table that a slot switch reloads
 (``RestoreBatch.load_tables``). A stale input is refused with the previous edit put back: its
 inputs, mask and tile lists, and its tiles recomputed if it was uncommitted (the refused edit's
-count graph already undid them). Off CUDA the same path runs uncaptured (the CPU tests).
+count graph already undid them); a refused edit of another slot also loads the working set of
+the slot it replaced again, so the stale check needs no host sync of its own. Off CUDA the same path runs uncaptured (the CPU tests).
 """
 
 from __future__ import annotations
@@ -193,14 +194,13 @@ class StaticPath(EditPath):
     # -- one edit --------------------------------------------------------------------------------
 
     def run(self, key: str, slot: SlotCache, flat: list, mask: torch.Tensor) -> list:
-        if self.live.slot != key:  # a new working set: check before replacing the old one
-            self._check_not_stale(slot, flat)
+        before = self.live.slot  # a refused edit of another slot puts this one back
         self._activate(key, slot)
         self._set_inputs(flat, mask)
         self.count_graph()
-        head = self.reader(self.head)  # the one host sync
+        head = self.reader(self.head)  # the one host sync (the stale flags come with it)
         if any(head[2:]):
-            self._refuse(key, slot)
+            self._refuse(key, slot, before)
             raise_if_stale(self.stale_names, [bool(c) for c in head[2:]])
         s = head[0]
         record = EditRecord(key, slot, flat, mask, self.tables[s], size_class=s)
@@ -228,9 +228,24 @@ class StaticPath(EditPath):
         else:
             self.static_mask.copy_(mask.reshape(self.static_mask.shape))
 
-    def _refuse(self, key: str, slot: SlotCache) -> None:
+    def _refuse(self, key: str, slot: SlotCache, before: str | None) -> None:
         """A stale input: put the previous edit back (inputs, mask, tile lists; its tiles too if
-        uncommitted: the refused count graph undid them), or the record if there was none."""
+        uncommitted: the refused count graph undid them), or the record if there was none. If
+        the refused call switched the working set from slot ``before``, that slot's working set
+        comes back (loaded again, its uncommitted edit recomputed), as if nothing had run."""
+        if before is not None and before != key:
+            last = self.last
+            if last is None or last.key != before or not last.pending:
+                self.live.slot = None  # nothing pending there: the next edit loads its slot
+                return
+            last.slot.replaced_by = None
+            self.live.load(before, last.slot)
+            self._switched(before, last.slot)
+            self._set_inputs(last.flat, last.mask)
+            self.count_graph()
+            if not last.empty:  # an empty edit wrote nothing
+                self.entries[last.size_class]()
+            return
         last = self.last if self.last is not None and self.last.key == key else None
         if last is None:
             self._set_inputs(self.inputs_of(slot), None)

@@ -164,6 +164,40 @@ def test_an_edit_of_another_slot_replaces_the_uncommitted_one():
     engine.commit(slot=0)  # a new edit of slot 0 can be committed again
 
 
+def test_a_refused_edit_of_another_slot_leaves_the_pending_edit_in_place():
+    """The stale check rides on the edit's one host sync, after the working set switched: a
+    refused edit of slot 1 must put slot 0's uncommitted edit back, so that committing it
+    works and commits that edit (not the refused one, not nothing)."""
+    model, x, _ = _model()
+    t0, t1 = torch.zeros(1, 4), torch.ones(1, 4)
+    engines = []
+    for _ in range(2):
+        e = sigec.compile(model, (x, t0), config=STATIC)
+        e.record(x, t0, slot=0)
+        e.record(x, t1, slot=1)
+        engines.append(e)
+    engine, ref = engines
+    mask = edit_masks(32, 32)["blob"]
+    xe = apply_edit(x, mask, seed=1)
+    engine.edit(xe, t0, slot=0)
+    with pytest.raises(sigec.StaleCacheError):
+        engine.edit(apply_edit(x, mask, seed=2), t1 + 1, slot=1)
+    engine.commit(slot=0)  # no EditReplacedError: the refused call replaced nothing
+    ref.edit(xe, t0, slot=0)
+    ref.commit(slot=0)
+    xe2 = apply_edit(xe, edit_masks(32, 32)["corner"], seed=3)
+    for s, t, v in ((0, t0, xe2), (1, t1, xe), (0, t0, xe)):
+        torch.testing.assert_close(engine.edit(v, t, slot=s), ref.edit(v, t, slot=s),
+                                   rtol=0, atol=0)  # fmt: skip
+    # nothing pending in slot 0 when slot 1's edit is refused: the next edit reloads cleanly
+    engine.commit(slot=0)
+    ref.commit(slot=0)
+    with pytest.raises(sigec.StaleCacheError):
+        engine.edit(xe2, t1 * 3, slot=1)
+    torch.testing.assert_close(engine.edit(xe2, t0, slot=0), ref.edit(xe2, t0, slot=0),
+                               rtol=0, atol=0)  # fmt: skip
+
+
 def test_warm_up_runs_at_the_first_record_or_else_the_first_edit():
     model, x, t = _model()
     engine = sigec.compile(model, (x, t), config=STATIC)
