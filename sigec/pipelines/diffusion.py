@@ -377,6 +377,7 @@ class SDEditor:
                     need += engine.live.packed_bytes()  # its staging copy
         for part, key in sorted(slots, key=lambda s: s not in host):  # free the GPU first
             self.engines[part].place(key, "host" if (part, key) in host else "device")
+        self.engines["unet"].prefetch(0)  # the first step of the next edit, if on the host
         self._check_budget()
         self.cache_device = where
 

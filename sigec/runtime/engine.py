@@ -108,6 +108,13 @@ class SparseEngine(torch.nn.Module):
         elif not any(s.on_host for s in self.slots.values()):
             self.live.staging.forget()  # no host slot left to prefetch
 
+    def prefetch(self, slot=0) -> bool:
+        """Start copying host slot ``slot``'s caches to the device now (a side stream on CUDA),
+        for its next edit; what ``edit(..., next_slot=slot)`` does. False when there is nothing
+        to copy (a device slot, or the slot the working set holds)."""
+        state = self._slot(slot)
+        return self.live.prefetch(str(slot), state) if self.live is not None else False
+
     def placement(self) -> dict[str, str]:
         """Per slot key: ``"host"`` or ``"device"`` (see ``place``)."""
         return {k: "host" if s.on_host else "device" for k, s in self.slots.items()}

@@ -23,7 +23,8 @@ undo launch reads the active slot's caches through a table that a slot switch re
 (``RestoreBatch.load_tables``). A stale input is refused with the previous edit put back: its
 inputs, mask and tile lists, and its tiles recomputed if it was uncommitted (the refused edit's
 count graph already undid them); a refused edit of another slot also loads the working set of
-the slot it replaced again, so the stale check needs no host sync of its own. Off CUDA the same path runs uncaptured (the CPU tests).
+the slot it replaced again, so the stale check needs no host sync of its own. Off CUDA the same
+path runs uncaptured (the CPU tests).
 """
 
 from __future__ import annotations

@@ -58,6 +58,13 @@ def test_host_slots_edit_and_commit_like_device_slots(graphs):
             current[i] = xe
     cache = host.stats()["cache"]
     assert cache["prefetch_hits"] >= 6  # every switch to a host slot but the first was staged
+    # a prefetch asked for by hand: the next switch to that slot is served by it
+    assert host.prefetch(1) and not host.prefetch(0)  # slot 0 lives on the device
+    hits = cache["prefetch_hits"]
+    xe = apply_edit(current[1], masks[0], seed=99)
+    torch.testing.assert_close(host.edit(xe, ts[1], slot=1), device.edit(xe, ts[1], slot=1),
+                               rtol=0, atol=0)  # fmt: skip
+    assert host.stats()["cache"]["prefetch_hits"] == hits + 1
     assert cache["host_bytes"] == sum(host.slots[str(i)].host_bytes() for i in (1, 2, 3)) > 0
 
 
