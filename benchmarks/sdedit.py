@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument(
         "--auto-gib",
         type=float,
-        default=4.0,
+        default=6.0,
         help="also a session with cache_device='auto' under this GPU budget (0: no)",
     )
     p.add_argument("--out", default="sdedit.json")
