@@ -66,6 +66,8 @@ class Staging:
     def reserve(self, like: dict) -> None:
         """Allocate the staging buffer (the working set's layout ``like``) if it is not."""
         if self.flats is None or any(self.flats[d].shape != f.shape for d, f in like.items()):
+            if self.stream is not None:  # the old buffer may still be written on the side stream
+                self.stream.synchronize()
             self.flats = {dt: torch.empty_like(f) for dt, f in like.items()}
             self.tag = None
         self.device = next(iter(like.values())).device
