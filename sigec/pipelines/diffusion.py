@@ -47,8 +47,10 @@ from sigec.config import SparseConfig
 from sigec.errors import MaskError, NotRecordedError, SigecError, TrajectoryChangedError
 from sigec.runtime.engine import SparseEngine
 from sigec.runtime.masks import difference_mask, dilate
+from sigec.runtime.offload import check_where
 
 SIGE_SD = {"block_size": {"3x3": 6, "1x1": 4}, "mask_dilation": 1}
+CACHE_DEVICES = ("device", "host", "auto")  # where an editor's recorded caches live
 
 
 class CacheBudgetError(SigecError, MemoryError):
@@ -133,7 +135,7 @@ class SDEditor:
         self.steps, self.strength, self.guidance_scale = steps, strength, guidance_scale
         self.encode_prompt = encode_prompt
         self.max_cache_bytes, self.progress = max_cache_bytes, progress
-        self.cache_device = _where(cache_device)
+        self.cache_device = check_where(cache_device, CACHE_DEVICES, "cache_device")
         self._run: _Run | None = None
         self._last_edit = None  # (edited image, mask) of the last uncommitted edit
 
@@ -356,7 +358,7 @@ class SDEditor:
         """Put the recorded caches where ``cache_device`` says (see the module docstring; what
         ``generate`` does with the editor's ``cache_device``). Raises ``CacheBudgetError`` when
         the caches kept on the GPU stay above ``max_cache_bytes``."""
-        where = _where(cache_device)
+        where = check_where(cache_device, CACHE_DEVICES, "cache_device")
         if self._run is None:
             raise NotRecordedError("place_caches before generate: call editor.generate first")
         slots = [(part, key) for part in ("encode", "decode") if part in self.engines
@@ -452,13 +454,6 @@ class SDEditor:
                 f"({self.max_cache_bytes / 2**20:.0f} MiB): {hint}; or use fewer steps, a lower "
                 "strength or a smaller image"
             )
-
-
-def _where(cache_device: str) -> str:
-    if cache_device not in ("device", "host", "auto"):
-        raise ValueError(f"cache_device: expected 'device', 'host' or 'auto', got "
-                         f"{cache_device!r}")  # fmt: skip
-    return cache_device
 
 
 def _digest(t) -> tuple | None:

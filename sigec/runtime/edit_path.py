@@ -139,19 +139,6 @@ class EditPath:
             self.upcoming = None
         return loaded
 
-    def _check_not_stale(self, slot: SlotCache, flat: list) -> None:
-        """Non-image inputs against the slot's record (a host sync; StaleCacheError)."""
-        names, changed = [], []
-        for i, kind in enumerate(self.program.input_kinds):
-            if kind != "tensor":
-                continue
-            rec, v = slot.recorded_input(i), flat[i]
-            rec = rec.to(v.device, non_blocking=True)  # a host slot's copy is pinned
-            same = v.shape == rec.shape and bool((v.to(rec.dtype) == rec).all())
-            names.append(self.program.input_names[i])
-            changed.append(not same)
-        raise_if_stale(names, changed)
-
     def _tile_items(self, tiles: TileTable, to_cache: bool, slot: SlotCache) -> list:
         """RestoreBatch items over the tiles ``tiles`` wrote: cache -> working map (undo) or
         working map -> cache (commit, which also refreshes the live caches of incremental
@@ -228,6 +215,20 @@ class EagerPath(EditPath):
             record.outs = list(self.edit_gm(live, tiles, *flat))
             record.norm_sums = dict(live.pending_norm_sums)
         return record.outs
+
+    def _check_not_stale(self, slot: SlotCache, flat: list) -> None:
+        """Non-image inputs against the slot's record (a host sync; StaleCacheError). The
+        static path reads these flags with its size class instead."""
+        names, changed = [], []
+        for i, kind in enumerate(self.program.input_kinds):
+            if kind != "tensor":
+                continue
+            rec, v = slot.recorded_input(i), flat[i]
+            rec = rec.to(v.device, non_blocking=True)  # a host slot's copy is pinned
+            same = v.shape == rec.shape and bool((v.to(rec.dtype) == rec).all())
+            names.append(self.program.input_names[i])
+            changed.append(not same)
+        raise_if_stale(names, changed)
 
     def _dense_is_cheaper(self, tiles: TileTable) -> bool:
         """The cost model of this path: the dense model runs where the edit's active tiles

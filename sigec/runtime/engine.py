@@ -30,6 +30,7 @@ from sigec.runtime.edit_path import EagerPath, EditPath
 from sigec.runtime.inputs import flatten_call
 from sigec.runtime.layouts import layout_to_map
 from sigec.runtime.masks import TileSet, difference_mask, dilate
+from sigec.runtime.offload import check_where
 from sigec.runtime.program import Program
 from sigec.runtime.state import LiveState, SlotCache
 from sigec.runtime.static_path import StaticPath
@@ -76,8 +77,7 @@ class SparseEngine(torch.nn.Module):
     def cache_bytes(self, where: str | None = None) -> int:
         """Bytes of every slot's caches and the one working set (with the staging copy of host
         slots); ``where="device"`` or ``"host"``: only those held there (see ``place``)."""
-        if where not in (None, "device", "host"):
-            raise ValueError(f"where: expected None, 'device' or 'host', got {where!r}")
+        check_where(where, (None, "device", "host"))
         host = sum(state.host_bytes() for state in self.slots.values())
         if where == "host":
             return host
@@ -91,8 +91,7 @@ class SparseEngine(torch.nn.Module):
         at each slot switch (from a copy ``edit(..., next_slot=...)`` started while the previous
         edit ran, when there is one) and commit its tiles in place: memory for time, measured in
         docs/results.md. The slot's uncommitted edit is kept only if it stays where it is."""
-        if where not in ("host", "device"):
-            raise ValueError(f"where: expected 'host' or 'device', got {where!r}")
+        check_where(where, ("host", "device"))
         state = self._slot(slot)
         if state.on_host == (where == "host"):
             return

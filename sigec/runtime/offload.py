@@ -19,6 +19,13 @@ from __future__ import annotations
 import torch
 
 
+def check_where(value, allowed: tuple, what: str = "where"):
+    """``value`` if it is one of ``allowed`` (where caches live), else a ValueError naming them."""
+    if value not in allowed:
+        raise ValueError(f"{what}: expected one of {allowed}, got {value!r}")
+    return value
+
+
 def to_pinned(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` in pinned host memory (``t`` itself when it is on the CPU already: a CPU
     engine has no device memory to save, and pinning needs CUDA)."""
