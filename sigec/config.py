@@ -11,7 +11,7 @@ CONV_KERNELS = ("auto", "fused", "cudnn")
 
 
 def _default_block_sizes():
-    return MappingProxyType({"3x3": 6, "1x1": 4, "other": 6, "pointwise": 8})
+    return MappingProxyType({"3x3": 6, "1x1": 4, "other": 6, "pointwise": 4})
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ class SparseConfig:
             that class (large edits run dense: the caches are left alone and ``commit`` records
             the edited input again).
         dense_backend: how that dense path runs on CUDA: "inductor" (``torch.compile`` of the
-            captured graph, compiled on the first measured edit) or "eager".
+            captured graph, compiled during warm-up: the baseline's own compile time, ~25-55 s
+            cold on the standard models) or "eager" (the model captured as it is: warm-up in
+            about half the time, but a dense graph ~3x slower than inductor's, so edits larger
+            than the sparse path's break-even run slower; docs/results.md).
         fit_tiles: shrink a conv's tile (down to a divisor of the map) where its tile grid would
             overhang the map by more than 30 % of the map's area (6x6 tiles on an 8x8 map cover
             12x12): fewer MACs at the lowest resolutions.
@@ -102,7 +105,7 @@ class SparseConfig:
     cost_model: bool = True
     dense_backend: str = "inductor"
     channels_last: bool = True
-    fit_tiles: bool = False
+    fit_tiles: bool = True
     conv_kernel: str = "auto"
     dense_regions: str = "inductor"
     tile_expressions: str = "inductor"

@@ -359,8 +359,10 @@ def test_static_shape_graph_path_gives_the_eager_result(name):
                             config=sigec.SparseConfig(**base, cuda_graphs=True))  # fmt: skip
     for e in (eager, graphed):
         e.record(*args, **kwargs)
+    # incremental statistics subtract sums of squares: padding rows' other conv blockings move
+    # the rounding by up to ~1e-5 after a commit (fp32, values ~1)
     _same_edits(graphed, eager, args, kwargs, ["blob", "pixel", "full", "blob", "border"], "full",
-                atol=1e-5)  # fmt: skip
+                atol=5e-5)  # fmt: skip
     assert graphed.stats()["graphs"]["held"] <= 16
 
 
@@ -440,7 +442,8 @@ def test_fit_tiles_shrinks_overhanging_tiles_and_stays_exact():
     config = sigec.SparseConfig(block_size={"3x3": 6, "1x1": 4}, fit_tiles=True)
     assert config.tile_for(3, 3, (8, 8)) == 4  # 6x6 tiles would cover 12x12
     assert config.tile_for(3, 3, (64, 64)) == 6  # 66x66: a small overhang is kept
-    assert sigec.SparseConfig().tile_for(3, 3, (8, 8)) == 6  # off by default
+    assert sigec.SparseConfig().tile_for(3, 3, (8, 8)) == 4  # on by default
+    assert sigec.SparseConfig(fit_tiles=False).tile_for(3, 3, (8, 8)) == 6
     model, args, kwargs = _tiny("gaugan-tiny")
     exact = sigec.SparseConfig(mask_policy="exact", block_size={"3x3": 6, "1x1": 4},
                                fit_tiles=True)  # fmt: skip

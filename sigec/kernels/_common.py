@@ -195,6 +195,13 @@ def tile_pixel_index(
     return remap_index(oy, height, pad_mode), remap_index(ox, width, pad_mode), valid
 
 
+# Kernel arguments that change with the edit's size class, not with the layer: the tile capacity
+# ``M``. Triton specializes integer arguments (== 1, divisible by 16), so a specialized ``M`` would
+# compile each kernel again for classes whose capacity differs only in divisibility; these are
+# passed as plain integers (``triton.jit(do_not_specialize=CAPACITY)``).
+CAPACITY = ["M"]
+
+
 def block_sizes(channels: int, pixels: int) -> tuple[int, int, int]:
     """Pick (BLOCK_C, BLOCK_P, num_warps) for a tile kernel: ~4K elements per program.
 

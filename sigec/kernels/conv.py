@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from sigec.kernels._common import (
+    CAPACITY,
     check_activation,
     check_corners,
     check_pad_mode,
@@ -108,7 +109,7 @@ def _accumulate_part(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CAPACITY)
 def _tile_conv_kernel(
     # pointers
     out_ptr, x1_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, in_c_ptr, out_c_ptr, count_ptr,

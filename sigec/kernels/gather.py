@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from sigec.kernels._common import (
+    CAPACITY,
     apply_activation,
     block_sizes,
     check_activation,
@@ -69,7 +70,7 @@ def _remap(i, n, PAD_MODE: tl.constexpr):
     return tl.minimum(tl.maximum(i, 0), n - 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CAPACITY)
 def _gather_kernel(
     # pointers
     x_ptr, out_ptr, corners_ptr, count_ptr, scale_ptr, shift_ptr,

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from sigec.kernels._common import (
+    CAPACITY,
     block_sizes,
     check_corners,
     check_tensor,
@@ -37,7 +38,7 @@ from sigec.kernels._common import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CAPACITY)
 def _scatter_kernel(
     # pointers
     tiles_ptr, out_ptr, res_ptr, bias_ptr, corners_ptr, count_ptr,

@@ -89,6 +89,11 @@ def _upsample(node, ni, config):
     f = upsample_factor(node)
     if f is not None and config.block_size["pointwise"] % f == 0:
         return "upsample", SPARSE, ""
+    if f is not None:
+        return "resample", "dense", (
+            f"nearest upsampling by {f} does not divide the pointwise tile size "
+            f"({config.block_size['pointwise']}): runs dense; set "
+            "SparseConfig(block_size={'pointwise': ...}) to a multiple of the factor")  # fmt: skip
     return "resample", "dense", (
         "nearest resampling by a non-integer or downsampling factor: runs dense")  # fmt: skip
 

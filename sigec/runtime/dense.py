@@ -11,37 +11,10 @@ compiles once (on the first edit; the CUDA-graph path's warm-up runs it before c
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.fx
 
-
-class CompiledOrEager:
-    """``fn`` compiled by inductor on first call; if inductor fails on it, ``fn`` runs eagerly
-    from then on, with a warning naming ``what`` and the ``SparseConfig`` knob that turns it off.
-    """
-
-    def __init__(self, fn, what: str, knob: str, **compile_kwargs):
-        self.fn, self.what, self.knob, self.compile_kwargs = fn, what, knob, compile_kwargs
-        self.compiled = None  # None: not yet; False: inductor failed
-
-    def __call__(self, *args, **kwargs):
-        if self.compiled is False:
-            return self.fn(*args, **kwargs)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, fullgraph=True, **self.compile_kwargs)
-        try:
-            return self.compiled(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - inductor could not take it: run eagerly, say so
-            warnings.warn(
-                f"sigec: {self.what} runs eagerly, because torch.compile failed on it "
-                f"({type(e).__name__}: {str(e)[:200]}); set SparseConfig({self.knob}='eager') "
-                "to silence this",
-                stacklevel=2,
-            )
-            self.compiled = False
-            return self.fn(*args, **kwargs)
+from sigec.runtime.compiled import CompiledOrEager
 
 
 class DenseRegion(torch.nn.Module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from sigec.kernels import gather, gather_parts, scatter, tile_conv
-from sigec.runtime.dense import CompiledOrEager
+from sigec.runtime.compiled import CompiledOrEager
 from sigec.runtime.layouts import LAYOUTS, layout_to_map, map_to_layout  # noqa: F401 (edit graphs)
 
 

@@ -36,7 +36,7 @@ import torch
 from sigec.kernels.restore import RestoreBatch
 from sigec.runtime import cost
 from sigec.runtime.capture import Captured, GraphSet, HostReader
-from sigec.runtime.dense import CompiledOrEager
+from sigec.runtime.compiled import CompiledOrEager
 from sigec.runtime.edit_path import EditPath, EditRecord
 from sigec.runtime.inputs import raise_if_stale
 from sigec.runtime.sizes import SizeClasses, calibrate, cheapest_fitting, describe

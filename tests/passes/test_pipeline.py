@@ -441,3 +441,25 @@ def test_pads_that_stay_keep_the_exact_result(net):
     xe = apply_edit(x, edit_masks(12, 12)["corner"], seed=1)
     with torch.no_grad():
         torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-5, atol=1e-6)
+
+
+class _Up(nn.Module):
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.interpolate(self.a(x), scale_factor=self.factor, mode="nearest"))
+
+
+@pytest.mark.parametrize("factor,sparse", [(2, True), (4, True), (8, False)])
+def test_upsampling_runs_sparse_when_its_factor_divides_the_pointwise_tile(factor, sparse):
+    """Default pointwise tiles are 4: 2x and 4x upsampling run on tiles; 8x runs dense, and the
+    fallback names the knob that would make it sparse."""
+    program = build_program(_Up(factor).eval(), (torch.randn(1, 3, 8, 8),), {},
+                            sigec.SparseConfig())  # fmt: skip
+    assert program.counters.get("upsamples_sparse", 0) == int(sparse)
+    reasons = " ".join(why for _, _, why in program.fallbacks)
+    assert ("does not divide the pointwise tile size (4)" in reasons) == (not sparse)
+    assert ("block_size={'pointwise'" in reasons) == (not sparse)
