@@ -60,9 +60,9 @@ class SparseConfig:
             cold on the standard models) or "eager" (the model captured as it is: warm-up in
             about half the time, but a dense graph ~3x slower than inductor's, so edits larger
             than the sparse path's break-even run slower; docs/results.md).
-        fit_tiles: shrink a conv's tile (down to a divisor of the map) where its tile grid would
-            overhang the map by more than 30 % of the map's area (6x6 tiles on an 8x8 map cover
-            12x12): fewer MACs at the lowest resolutions.
+        fit_tiles: (on by default) shrink a conv's tile (down to a divisor of the map) where its
+            grid would overhang the map by more than 30 % of the map's area (6x6 tiles on an 8x8
+            map cover 12x12): fewer MACs at the lowest resolutions.
         channels_last: keep every cached and working map in channels-last memory format (cuDNN's
             native fp16 layout: the convolutions on tiles need no layout conversion; measured
             1.2-2.4x faster sparse edits on an H200, docs/results.md).

@@ -3,9 +3,10 @@
 An edit graph holds many small graphs that inductor compiles: dense regions, tile expressions
 (a SPADE modulation, a transformer block's feed-forward). A UNet repeats its blocks, so most of
 them are the same graph on the same shapes: SD 1.5's 48 compiled tile expressions are 9
-distinct compiles (measured, docs/results.md). Dynamo compiles per code object, and every ``GraphModule`` has its own, so each
-copy used to pay a trace, AOT and inductor's cache lookup (twice for a tile expression: static,
-then dynamic in the tile count) during warm-up, with a warm disk cache too.
+distinct compiles (measured, docs/results.md). Dynamo compiles per code object, and every
+``GraphModule`` has its own, so each copy used to pay a trace, AOT and inductor's cache lookup
+(twice for a tile expression: static, then dynamic in the tile count) during warm-up, with a
+warm disk cache too.
 
 ``CompiledOrEager`` shares one compiled function between all graphs of the same structure called
 with the same argument signature (dtype, device, shape and strides of every tensor; the leading
