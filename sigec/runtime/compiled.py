@@ -18,7 +18,6 @@ functions, are never shared.
 
 from __future__ import annotations
 
-import operator
 import warnings
 import weakref
 
@@ -61,7 +60,7 @@ def _target(node: torch.fx.Node) -> str:
         return str(t)
     if isinstance(t, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
         return str(t)
-    if t is operator.getitem or callable(t):
+    if callable(t):  # Python functions (operator.getitem, sigec.runtime.ops)
         return f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', repr(t))}"
     raise _Unshareable
 
@@ -130,10 +129,6 @@ class CompiledOrEager:
     def __init__(self, fn, what: str, knob: str, **compile_kwargs):
         self.fn, self.what, self.knob, self.compile_kwargs = fn, what, knob, compile_kwargs
         self._shared: _Shared | None = None
-
-    @property
-    def compiled(self):
-        return None if self._shared is None else self._shared.compiled
 
     def _resolve(self, args, kwargs) -> _Shared:
         structure = structure_key(self.fn)

@@ -6,7 +6,8 @@ formats add layout conversions. The pass ``group_dense_regions`` moves every run
 ``DenseRegion``; on CUDA (``SparseConfig.dense_regions == "inductor"``) the region runs compiled by
 inductor, which fuses its pointwise ops and norms like it does for the dense baseline, and inside
 the edit's CUDA graph like everything else. Shapes never change between edits, so each region
-compiles once (on the first edit; the CUDA-graph path's warm-up runs it before capture).
+compiles once (on the first edit; the CUDA-graph path's warm-up runs it before capture), and
+regions of one structure on one signature share that compile (``sigec.runtime.compiled``).
 """
 
 from __future__ import annotations
