@@ -7,8 +7,10 @@ Per model (fp16 on CUDA, ``SparseConfig(cuda_graphs=True)`` with SIGE's settings
 overrides): compile, then ``record`` (which runs the warm-up), with a wrapper around Triton's
 ``JITFunction._do_compile`` that times each kernel compile (a disk-cache hit is a fast one) and
 names the kernel, and dynamo's own compile-time metrics; then one edit, checked against the dense
-model (PSNR). Reported: the warm-up breakdown (``stats()["warmup"]``), Triton compiles per kernel
-(count, seconds, when), dynamo's seconds, how many compiled functions the graphs share.
+model (PSNR), and with ``--edits N`` N timed edits of new masks. Reported: the warm-up breakdown
+(``stats()["warmup"]``), Triton compiles per kernel (count, seconds, when), dynamo's seconds, how
+many compiled functions the graphs share. With the warm-up's dry run (``compile_workers > 0``)
+kernels compile on a thread pool and the seconds per kernel here are only their submission.
 Point the cache variables at fresh folders for a cold start; run it twice with the same folders
 for a warm one. Never asserts; never run by the tests.
 """
@@ -75,6 +77,26 @@ class TritonCompiles:
         }  # fmt: skip
 
 
+def edit_times(engine, name, inputs, kwargs, n: int) -> dict:
+    """Wall ms of ``n`` edits, a new mask each (every third committed): what a warm-up knob costs
+    per edit (the full session with the dense baselines is ``benchmarks.interactive``)."""
+    x, times = inputs[0], []
+    for e in edit_sequence(*x.shape[-2:], n, seed=11):
+        mask = e["mask"].to(x.device)
+        xe = edited(name, x, mask, e["index"])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.edit(xe, *inputs[1:], mask=mask, **kwargs)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if e["index"] % 3 == 0:
+            engine.commit()
+            x = xe
+    times.sort()
+    return {"edits": n, "p50": round(times[n // 2], 3), "max": round(times[-1], 3),
+            "captured_in_edits": engine.stats()["graphs"]["captured_in_edits"]}  # fmt: skip
+
+
 def dynamo_seconds() -> dict:
     from torch._dynamo import utils
 
@@ -82,7 +104,7 @@ def dynamo_seconds() -> dict:
     return {k: round(sum(v), 2) for k, v in metrics.items() if sum(v) >= 0.05}
 
 
-def run_model(name: str, overrides: dict) -> dict:
+def run_model(name: str, overrides: dict, edits: int = 0) -> dict:
     device = torch.device("cuda")
     model, inputs, kwargs = build_on(name, device, torch.float16)
     config = sigec.SparseConfig(cuda_graphs=True, **sige_config_with(name, overrides))
@@ -104,6 +126,7 @@ def run_model(name: str, overrides: dict) -> dict:
         first_edit_ms = (time.perf_counter() - t2) * 1e3
         want = model(xe, *inputs[1:], **kwargs)
         db = psnr(_sample(got).float(), _sample(want).float())
+        session = edit_times(engine, name, inputs, kwargs, edits) if edits else None
     return {
         "model": name,
         "device": torch.cuda.get_device_name(device),
@@ -113,6 +136,7 @@ def run_model(name: str, overrides: dict) -> dict:
         "record_with_warmup_s": round(record_s, 2),
         "first_edit_ms": round(first_edit_ms, 3),
         "first_edit_psnr_db": round(db, 2),
+        "session_ms": session,
         "shared_compiles": shared_compiles(),
         "warmup": {
             k: v for k, v in engine.stats()["warmup"].items() if k not in ("classes", "timings_ms")
@@ -127,11 +151,12 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["ddpm-church-256"], choices=sorted(MODELS))
     p.add_argument("--also", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                    help="a SparseConfig field changed for sigec")  # fmt: skip
+    p.add_argument("--edits", type=int, default=0, help="then time this many new-mask edits")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/warmup_compiles.json"))
     args = p.parse_args()
     results = []
     for name in args.models:
-        res = run_model(name, dict(args.also))
+        res = run_model(name, dict(args.also), args.edits)
         print(json.dumps({k: v for k, v in res.items() if k != "triton"}), flush=True)
         print(name, "triton", {k: v for k, v in res["triton"].items() if k != "timeline_s"},
               flush=True)  # fmt: skip

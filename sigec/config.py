@@ -78,8 +78,15 @@ class SparseConfig:
         dense_regions: how the edit graph's dense parts (runs of plain ATen ops: resolutions below
             ``sparse_min_resolution``, global ops, fallbacks) run on CUDA: "inductor" (each run
             compiled once, on the first edit: fused norms and pointwise ops, no layout
-            conversions) or "eager". On the CPU they run eagerly. "inductor" also compiles the
-            CUDA-graph path's count graph (mask pyramid, tile grids, counts).
+            conversions) or "eager". On the CPU they run eagerly.
+        count_graph: how the CUDA-graph path's count graph (undo, mask pyramid, tile lists,
+            counts, size class) runs inside its CUDA graph: "inductor" (compiled during warm-up:
+            its small ops fused into a few kernels) or "eager" (captured as it is: no compile,
+            more kernels per edit).
+        compile_workers: threads that compile the tile kernels during warm-up: a dry run of every
+            size class's edit graph submits each kernel's compile before the first capture, so
+            the compiles overlap instead of running one by one at each kernel's first launch. 0
+            compiles each at its first launch. No effect off CUDA.
         tile_expressions: how multi-op expressions on tiles (a SPADE modulation, a transformer
             block's feed-forward: ``tile_op`` with a GraphModule) run on CUDA: "inductor" (one
             compile per expression, dynamic in the tile count: its pointwise ops become one
@@ -109,6 +116,8 @@ class SparseConfig:
     conv_kernel: str = "auto"
     dense_regions: str = "inductor"
     tile_expressions: str = "inductor"
+    count_graph: str = "inductor"
+    compile_workers: int = 8
     pass_tiles: bool = True
 
     def __post_init__(self):
@@ -127,11 +136,13 @@ class SparseConfig:
             raise ValueError(
                 f"dense_backend: expected 'inductor' or 'eager', got {self.dense_backend!r}"
             )
-        for knob in ("dense_regions", "tile_expressions"):
+        for knob in ("dense_regions", "tile_expressions", "count_graph"):
             if getattr(self, knob) not in ("inductor", "eager"):
                 raise ValueError(
                     f"{knob}: expected 'inductor' or 'eager', got {getattr(self, knob)!r}"
                 )
+        if not isinstance(self.compile_workers, int) or self.compile_workers < 0:
+            raise ValueError(f"compile_workers: expected an int >= 0, got {self.compile_workers!r}")
         if self.conv_kernel not in CONV_KERNELS:
             raise ValueError(
                 f"conv_kernel: expected one of {CONV_KERNELS}, got {self.conv_kernel!r}"

@@ -567,6 +567,8 @@ def test_graph_path_refused_first_edit_then_dense_commit():
         ("dense_regions", "compiled", "dense_regions: expected 'inductor' or 'eager'"),
         ("tile_expressions", "jit", "tile_expressions: expected 'inductor' or 'eager'"),
         ("dense_backend", "tvm", "dense_backend: expected 'inductor' or 'eager'"),
+        ("count_graph", "cuda", "count_graph: expected 'inductor' or 'eager'"),
+        ("compile_workers", -1, "compile_workers: expected an int >= 0"),
         ("tile_lists", "all", "tile_lists: expected 'exact' or 'grid'"),
         ("norm_stats", "running", "norm_stats: expected one of"),
     ],

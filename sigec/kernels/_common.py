@@ -19,6 +19,10 @@ Tile contract shared by gather / scatter / restore:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -215,3 +219,53 @@ def block_sizes(channels: int, pixels: int) -> tuple[int, int, int]:
     block_c = max(1, min(triton.next_power_of_2(max(channels, 1)), 4096 // block_p))
     num_warps = 4 if block_c * block_p >= 2048 else 2
     return block_c, block_p, num_warps
+
+
+# -- launches ------------------------------------------------------------------------------------
+
+_PRECOMPILING = contextvars.ContextVar("sigec_precompiling", default=False)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; inside ``precompiling()`` only the kernel's compile for
+    these arguments is started (nothing runs, nothing is written)."""
+    if _PRECOMPILING.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def can_precompile() -> bool:
+    """Whether this Triton compiles kernels on a thread pool (``AsyncCompileMode``, Triton >= 3.4;
+    never under the CPU interpreter, which compiles nothing)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def precompiling(workers: int):
+    """Inside: every tile-kernel launch (``launch``) only submits its compile to ``workers``
+    threads; on exit all of them are compiled (a failed compile raises here). For a dry run of
+    the edit graphs during warm-up: the kernels' outputs are not written, so whatever the dry run
+    computes is garbage, and the real runs that follow find every kernel compiled (Triton's
+    compiles are independent, so they overlap instead of running one after another at each
+    kernel's first launch). Yields False (and changes nothing) where ``can_precompile()`` is
+    False or ``workers < 1``."""
+    if workers < 1 or not can_precompile():
+        yield False
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool):
+        token = _PRECOMPILING.set(True)
+        try:
+            yield True
+        finally:
+            _PRECOMPILING.reset(token)

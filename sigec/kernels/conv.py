@@ -48,6 +48,7 @@ from sigec.kernels._common import (
     check_pad_mode,
     check_tensor,
     check_tile_size,
+    launch,
     reject_float64,
 )
 from sigec.kernels.gather import _activate, _remap, gather_parts, gather_reference
@@ -259,7 +260,8 @@ def tile_conv_triton(
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
     grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn), nb)
     dummy = in_corners  # stands in for absent optional pointers (never read)
-    _tile_conv_kernel[grid](
+    launch(
+        _tile_conv_kernel, grid,
         out, x1, x2, weight, bias if bias is not None else dummy,
         residual if residual is not None else dummy, in_corners.contiguous(),
         out_corners.contiguous(), num_active if num_active is not None else dummy,

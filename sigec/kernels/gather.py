@@ -39,6 +39,7 @@ from sigec.kernels._common import (
     check_tensor,
     check_tile_size,
     compute_dtype,
+    launch,
     reject_float64,
     tile_pixel_index,
 )
@@ -211,7 +212,8 @@ def gather_triton(
     block_c, block_p, num_warps = block_sizes(c, tile_h * tile_w)
     grid = (n * m, triton.cdiv(c, block_c), triton.cdiv(tile_h * tile_w, block_p))
     dummy = corners  # stands in for absent optional pointers (never read)
-    _gather_kernel[grid](
+    launch(
+        _gather_kernel, grid,
         x, out, corners.contiguous(), num_active if num_active is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
         m, c, h, w, tile_h, tile_w,

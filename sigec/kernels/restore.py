@@ -26,6 +26,7 @@ from sigec.kernels._common import (
     check_corners,
     check_tensor,
     check_tile_size,
+    launch,
     reject_float64,
     tile_pixel_index,
 )
@@ -105,7 +106,8 @@ def restore_triton(
         return
     block_c, block_p, num_warps = block_sizes(c, tile_h * tile_w)
     grid = (m, n, triton.cdiv(c, block_c) * triton.cdiv(tile_h * tile_w, block_p))
-    _restore_kernel[grid](
+    launch(
+        _restore_kernel, grid,
         cache, work, corners.contiguous(), num_active if num_active is not None else corners,
         c, h, w, tile_h, tile_w,
         *cache.stride(), *work.stride(),
@@ -359,7 +361,6 @@ class RestoreBatch:
                 restore_reference(work, cache, corners, th, tw, count)
             return
         for table, proto, grid, block_c, block_p, vec in self.launches:
-            _restore_batch_kernel[grid](table, proto, F=_F, P=grid[1], BLOCK_C=block_c,
-                                        BLOCK_P=block_p, VEC=vec,
-                                        ALIGN=max(1, 16 // proto.element_size()),
-                                        num_warps=4)  # fmt: skip
+            launch(_restore_batch_kernel, grid, table, proto, F=_F, P=grid[1], BLOCK_C=block_c,
+                   BLOCK_P=block_p, VEC=vec, ALIGN=max(1, 16 // proto.element_size()),
+                   num_warps=4)  # fmt: skip

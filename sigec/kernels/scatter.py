@@ -33,6 +33,7 @@ from sigec.kernels._common import (
     check_tensor,
     check_tile_size,
     compute_dtype,
+    launch,
     reject_float64,
     tile_pixel_index,
 )
@@ -142,7 +143,8 @@ def scatter_triton(
     block_c, block_p, num_warps = block_sizes(c, th * tw)
     grid = (n * m, triton.cdiv(c, block_c), triton.cdiv(th * tw, block_p))
     dummy = corners  # stands in for absent optional pointers (never read)
-    _scatter_kernel[grid](
+    launch(
+        _scatter_kernel, grid,
         tiles, out, residual if residual is not None else dummy,
         bias if bias is not None else dummy, corners.contiguous(),
         num_active if num_active is not None else dummy,

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from sigec.kernels import precompiling
 from sigec.kernels.restore import RestoreBatch
 from sigec.runtime import cost
 from sigec.runtime.capture import Captured, GraphSet, HostReader
@@ -95,11 +96,14 @@ class StaticPath(EditPath):
                 self.dense_graph = graphs.capture(self._dense_step)
                 dense_ms = self.time_ms(self.dense_graph)
                 report["dense_graph_s"] = time.perf_counter() - t
+            self.tables = [TileTable(self.program, {}, capacities=self.classes.capacities(s),
+                                     full=self.full) for s in range(len(self.classes))]  # fmt: skip
             t = time.perf_counter()
-            self.choice, self.timings, self.entries, self.tables = [], [], [], []
+            precompiled = self._precompile()
+            report["precompile_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self.choice, self.timings, self.entries = [], [], []
             for s in range(len(self.classes)):
-                self.tables.append(TileTable(self.program, {}, capacities=self.classes
-                                             .capacities(s), full=self.full))  # fmt: skip
                 if self.choice[-2:] == ["dense", "dense"]:  # the costlier ones are slower still
                     self.choice.append("dense")
                     self.entries.append(None)
@@ -131,10 +135,31 @@ class StaticPath(EditPath):
         self.last = None
         report = {k: round(v, 3) for k, v in report.items()}
         report.update(warmup_s=round(time.perf_counter() - t0, 3), graphs=self.graph_count(),
+                      precompiled=precompiled,
                       classes=describe(self.classes, self.program), choice=list(self.choice),
                       timings_ms=list(self.timings))  # fmt: skip
         self.warmup_report = report
         return report
+
+    def _precompile(self) -> bool:
+        """A dry run of every class's edit graph that only submits the tile kernels' compiles
+        (``sigec.kernels.precompiling``: on ``compile_workers`` threads), so the captures that
+        follow find them compiled. Its writes are garbage at the class's tiles (the next count
+        graph undoes them, as after any warm-up run). Whether it ran (CUDA, Triton's async
+        compile, ``compile_workers > 0``)."""
+        if not self._precompile_here():
+            return False
+        with precompiling(self.config.compile_workers) as active:
+            if active:
+                for s in range(len(self.classes)):
+                    self._set_mask(self.classes.samples[s])
+                    self.count_graph()
+                    self._body(s)
+        return active
+
+    def _precompile_here(self) -> bool:
+        """Whether the dry run can help: only CUDA kernels compile."""
+        return self.graphs.cuda
 
     def can_time(self) -> bool:
         """Whether the cost model can measure here (CUDA events: on CUDA only)."""
@@ -171,7 +196,7 @@ class StaticPath(EditPath):
         self.undo = self._slot_batch_pair(slot)[0]
         self.live.slot = None  # loaded (and the undo table pointed at ``slot``) by _activate
         count_fn = self._count_impl
-        if self.graphs.cuda and self.config.dense_regions == "inductor":
+        if self.graphs.cuda and self.config.count_graph == "inductor":
             count_fn = CompiledOrEager(self._count_impl, "the count graph (mask pyramid, tile "
                                        "lists, counts, size class)", "dense_regions",
                                        dynamic=False)  # fmt: skip

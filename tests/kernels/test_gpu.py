@@ -233,3 +233,36 @@ def test_restore_batch_reads_and_writes_pinned_host_tensors(vector):
     commit = RestoreBatch([(cache, work, co, count, th, tw)])
     _replay_captured(commit)
     torch.testing.assert_close(cache, want_cache, atol=0, rtol=0)
+
+
+def test_precompiling_compiles_without_running():
+    """Inside ``precompiling`` a launch writes nothing and its compile runs on the thread pool;
+    after it the same launch finds the kernel compiled and computes the reference result."""
+    from sigec.kernels import can_precompile, precompiling
+    from sigec.kernels.conv import _tile_conv_kernel, tile_conv_triton
+
+    assert can_precompile()  # triton >= 3.4 on CUDA: the warm-up's dry run is on
+    torch.manual_seed(3)
+    # a channel count no other test uses: a kernel this process has not compiled yet
+    x = torch.randn(1, 40, 24, 24, device="cuda", dtype=torch.float16)
+    weight = torch.randn(24, 40, 3, 3, device="cuda", dtype=torch.float16) / 20
+    mask = blob_mask(24, 24, 0.2, seed=2)
+    tiles = active_tiles(mask, 3, 1, 1, 6, capacity=16)
+    args = (weight, None, tiles.in_corners.cuda(), tiles.out_corners.cuda(), *tiles.out_tile,
+            [1, 1], [1, 1])  # fmt: skip
+    kw = dict(num_active=tiles.num_active.cuda(), check_values=False)
+    out = torch.zeros(1, 24, 24, 24, device="cuda", dtype=torch.float16)
+    before = sum(len(c[0]) for c in _tile_conv_kernel.device_caches.values())
+    with precompiling(4) as active:
+        tile_conv_triton(out, [x], *args, **kw)
+    torch.cuda.synchronize()
+    assert active and bool((out == 0).all())  # nothing ran
+    after = sum(len(c[0]) for c in _tile_conv_kernel.device_caches.values())
+    assert after == before + 1  # one kernel compiled
+    tile_conv_triton(out, [x], *args, **kw)
+    assert sum(len(c[0]) for c in _tile_conv_kernel.device_caches.values()) == after  # reused
+    want = torch.zeros(1, 24, 24, 24)
+    tile_conv_reference(want, [x.float().cpu()], weight.float().cpu(), None,
+                        *[a.cpu() if isinstance(a, torch.Tensor) else a for a in args[2:]],
+                        num_active=tiles.num_active)  # fmt: skip
+    torch.testing.assert_close(out.float().cpu(), want, atol=2e-2, rtol=2e-2)

@@ -227,3 +227,57 @@ def test_the_static_path_matches_the_eager_path_on_an_attention_unet():
     xe = apply_edit(x, edit_masks(*x.shape[-2:])["blob"], seed=0)
     want = eager.edit(xe, *args[1:], **kwargs).sample
     torch.testing.assert_close(static.edit(xe, *args[1:], **kwargs).sample, want, **CLOSE)
+
+
+def test_the_warm_up_dry_run_leaves_no_trace(monkeypatch):
+    """On CUDA, warm-up first runs every class's graph dry (``sigec.kernels.precompiling``: the
+    tile kernels only compile, so their outputs are garbage). Here the dry run is forced on the
+    CPU with kernels that write NaN: the graphs captured after it, and every edit, must not see
+    any of it (the count graph undoes each dry run's tiles, like any warm-up edit's)."""
+    import contextlib
+    import importlib
+
+    import sigec.runtime.static_path as static_path
+
+    # the modules (the package exports ops of the same names)
+    conv, gather, scatter = (importlib.import_module(f"sigec.kernels.{m}")
+                             for m in ("conv", "gather", "scatter"))  # fmt: skip
+
+    nan = float("nan")
+    real = (scatter.scatter_reference, conv.tile_conv_reference, gather.gather_reference)
+
+    def garbage_scatter(out, tiles, *a, **kw):
+        return real[0](out, torch.full_like(tiles, nan), *a, **kw)
+
+    def garbage_conv(out, parts, *a, **kw):
+        return real[1](out, [torch.full_like(p, nan) for p in parts], *a, **kw)
+
+    def garbage_gather(*a, **kw):
+        return real[2](*a, **kw).fill_(nan)
+
+    dry_runs = []
+
+    @contextlib.contextmanager
+    def dry(workers):
+        dry_runs.append(workers)
+        with monkeypatch.context() as m:
+            m.setattr(scatter, "scatter_reference", garbage_scatter)
+            m.setattr(conv, "tile_conv_reference", garbage_conv)
+            m.setattr(gather, "gather_reference", garbage_gather)
+            yield True
+
+    monkeypatch.setattr(static_path, "precompiling", dry)
+    monkeypatch.setattr(static_path.StaticPath, "_precompile_here", lambda self: True)
+    model, x, t = _model()
+    static, eager = _engines(model, x, t)
+    assert dry_runs == [STATIC.compile_workers] and static.path.warmup_report["precompiled"]
+    current = x
+    for e in edit_sequence(32, 32, 12, seed=5, fractions=(0.003, 0.3)):
+        xe = apply_edit(current, e["mask"], seed=e["index"])
+        got = static.edit(xe, t, mask=e["mask"])
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, eager.edit(xe, t, mask=e["mask"]), **CLOSE)
+        if e["commit"]:
+            static.commit()
+            eager.commit()
+            current = xe
