@@ -223,16 +223,38 @@ def block_sizes(channels: int, pixels: int) -> tuple[int, int, int]:
 
 # -- launches ------------------------------------------------------------------------------------
 
-_PRECOMPILING = contextvars.ContextVar("sigec_precompiling", default=False)
+# inside ``precompiling``: the set of launch signatures already submitted (else None)
+_PRECOMPILING = contextvars.ContextVar("sigec_precompiling", default=None)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; inside ``precompiling()`` only the kernel's compile for
-    these arguments is started (nothing runs, nothing is written)."""
-    if _PRECOMPILING.get():
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
+    these arguments is started (nothing runs, nothing is written), once per signature."""
+    seen = _PRECOMPILING.get()
+    if seen is None:
         kernel[grid](*args, **kwargs)
+        return
+    key = _signature(kernel, args, kwargs)
+    if key not in seen:  # Triton hashes the kernel's source on every submit: skip repeats
+        seen.add(key)
+        kernel.warmup(*args, grid=grid, **kwargs)
+
+
+def _signature(kernel, args, kwargs) -> tuple:
+    """What Triton may specialize a launch on, kept finer than Triton does (a repeat is only
+    skipped where Triton would find the same kernel): tensors by dtype and 16-byte alignment,
+    other arguments by value, except the unspecialized ones (``CAPACITY``), which never matter."""
+    names = getattr(kernel, "arg_names", ())
+    free = {n for n in CAPACITY if n in names}
+    sig = []
+    for i, a in enumerate(args):
+        if i < len(names) and names[i] in free:
+            sig.append(type(a).__name__)
+        elif isinstance(a, torch.Tensor):
+            sig.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            sig.append(a)
+    return (id(kernel), tuple(sig), tuple(sorted(kwargs.items())))
 
 
 def can_precompile() -> bool:
@@ -264,7 +286,7 @@ def precompiling(workers: int):
     from triton.runtime._async_compile import AsyncCompileMode
 
     with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool):
-        token = _PRECOMPILING.set(True)
+        token = _PRECOMPILING.set(set())
         try:
             yield True
         finally:

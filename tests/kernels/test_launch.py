@@ -13,6 +13,8 @@ from sigec.kernels import can_precompile, launch, precompiling
 class _Kernel:
     """Records how it was called: ``kernel[grid](...)`` or ``kernel.warmup(..., grid=)``."""
 
+    arg_names = ["x", "M", "C"]
+
     def __init__(self):
         self.calls = []
 
@@ -55,3 +57,24 @@ def test_no_workers_means_no_precompile(monkeypatch):
     with precompiling(0) as active:
         launch(k, (1,), 1)
     assert active is False and k.calls[0][0] == "run"
+
+
+def test_precompiling_submits_each_signature_once(monkeypatch):
+    """Repeats of one launch signature are skipped (Triton hashes the source on every submit);
+    launches that differ only in the tile capacity ``M`` (never specialized) are one signature;
+    any other argument, a tensor's dtype or its 16-byte alignment makes another."""
+    pytest.importorskip("triton.runtime._async_compile")
+    import torch
+
+    monkeypatch.setattr(common, "can_precompile", lambda: True)
+    k = _Kernel()
+    x = torch.zeros(16)
+    with precompiling(2):
+        launch(k, (1,), x, 8, 32, BLOCK=4)
+        launch(k, (9,), x, 8, 32, BLOCK=4)  # the grid follows M: the same kernel
+        launch(k, (3,), x, 24, 32, BLOCK=4)  # another capacity: the same kernel
+        launch(k, (1,), x, 8, 48, BLOCK=4)  # another channel count
+        launch(k, (1,), x.half(), 8, 32, BLOCK=4)  # another dtype
+        launch(k, (1,), x[1:], 8, 32, BLOCK=4)  # unaligned
+        launch(k, (1,), x, 8, 32, BLOCK=8)  # another block
+    assert [c[0] for c in k.calls] == ["warmup"] * 5
