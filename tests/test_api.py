@@ -438,6 +438,42 @@ def test_private_maps_need_no_cache_and_change_nothing(graphs):
     _same_edits(engine, full, args, kwargs, ["blob", "pixel", "blobs", "blob"], "pixel")
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_shortcut_residuals_need_no_cache(graphs):
+    """A ResBlock's 1x1 shortcut conv adds the block's conv output as its residual; it takes that
+    conv's tile size, so it reads the residual only at the tiles the conv wrote: the residual
+    map keeps no cache (DDPM's up blocks). The working map of such a map is never restored, so a
+    read outside those tiles would see another edit's values: every edit must equal an engine
+    that caches them all."""
+    import dataclasses
+
+    from sigec.runtime import ops
+    from sigec.runtime.engine import SparseEngine
+
+    model, args, kwargs = _tiny("ddpm-tiny")
+    config = sigec.SparseConfig(block_size={"3x3": 6, "1x1": 4, "pointwise": 4},
+                                cuda_graphs=graphs)  # fmt: skip
+    engine = sigec.compile(model, args, kwargs, config=config)
+    prog = engine.program
+    residuals, tiles = set(), set()
+    for n in prog.edit_gm.graph.nodes:
+        r = n.kwargs.get("residual") if n.target is ops.sparse_conv2d else None
+        req = prog.tile_requests[n.kwargs["tile_key"]] if r is not None else None
+        if req is not None and req.kernel == (1, 1) and r.target is ops.sparse_conv2d:
+            theirs = prog.tile_requests[r.kwargs["tile_key"]]
+            assert theirs.kernel == (3, 3) and req.tile == theirs.tile  # not the 1x1 size
+            tiles.add(req.tile)
+            residuals.add(r.kwargs["name"])
+    assert residuals and residuals <= prog.private_maps and (6, 6) in tiles  # 6, not 1x1's 4
+    full = SparseEngine(dataclasses.replace(prog, private_maps=frozenset()), config)
+    for e in (engine, full):
+        e.record(*args, **kwargs)
+    buffers = dict(engine.slots["0"].named_buffers())
+    assert all(f"cache__{m}" not in buffers for m in residuals)
+    assert engine.stats()["cache_bytes"] < full.stats()["cache_bytes"]
+    _same_edits(engine, full, args, kwargs, ["blob", "corner", "pixel", "blobs", "blob"], "corner")
+
+
 def test_fit_tiles_shrinks_overhanging_tiles_and_stays_exact():
     config = sigec.SparseConfig(block_size={"3x3": 6, "1x1": 4}, fit_tiles=True)
     assert config.tile_for(3, 3, (8, 8)) == 4  # 6x6 tiles would cover 12x12

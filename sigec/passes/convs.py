@@ -169,7 +169,13 @@ def fuse_concats(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-    """``add(sparse_conv(...), r)`` -> the conv's scatter adds ``r`` (the sum is written once)."""
+    """``add(sparse_conv(...), r)`` -> the conv's scatter adds ``r`` (the sum is written once).
+
+    A 1x1 conv (a ResBlock's shortcut) whose residual another sparse op writes at the same
+    resolution takes that op's tile size: it then reads the residual exactly at the tiles the
+    producer wrote, so the residual map needs no cache (``tile_ops.mark_private_maps``): DDPM's
+    up-block ResBlocks drop one cached map each.
+    """
     changed = 0
     for node in list(gm.graph.nodes):
         if node.target != aten.add.Tensor or info(node).mode != "sparse" or node.kwargs:
@@ -190,8 +196,9 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             key = ctx.map_tiles.pop(old_name)
             ctx.maps.pop(old_name)
             req = ctx.tile_requests[key]
+            tile = _residual_tile(req, other, info(node).resolution, ctx) or req.tile[0]
             key = ctx.request(orig_name(node), info(node).resolution, req.kernel, req.stride,
-                              req.padding, req.tile[0])  # fmt: skip
+                              req.padding, tile)  # fmt: skip
             add_name = orig_name(node)
             conv.kwargs = {**conv.kwargs, "name": add_name, "tile_key": key, "residual": other}
             node.prepend(conv)  # the residual must exist before the fused conv runs
@@ -202,3 +209,20 @@ def fuse_residuals(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             changed += 1
             break
     return finish(gm, "fuse_residuals", changed, ctx, "residuals_fused")
+
+
+def _residual_tile(req, other, res, ctx: PassContext) -> int | None:
+    """The tile size for a pointwise conv (1x1, stride 1, no padding) whose residual ``other``
+    a sparse op writes on the same mask (truncated policy: the same resolution) and nothing else
+    reads (so the map becomes private), or None."""
+    if (req.kernel, req.stride, req.padding, req.transposed) != ((1, 1), (1, 1), (0, 0), False):
+        return None
+    if ctx.config.mask_policy != "truncated" or not isinstance(other, torch.fx.Node):
+        return None
+    if len(other.users) != 1:  # read elsewhere too: it keeps its cache, keep the 1x1's tile
+        return None
+    name = other.kwargs.get("name") if other.op == "call_function" else None
+    theirs = ctx.tile_requests.get(ctx.map_tiles.get(name, ""))
+    if theirs is None or theirs.mask != tuple(res) or theirs.tile[0] != theirs.tile[1]:
+        return None
+    return theirs.tile[0]

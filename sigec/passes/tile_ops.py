@@ -145,8 +145,11 @@ def mark_private_maps(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     (``ctx.private_maps``).
 
     Every user gathers the map through the very tile list that wrote it (token-wise ops and the
-    queries of attention at one resolution share the pointwise tile list): values outside those
-    tiles are never read, so the map needs no cache and no restore. Outputs, maps read in full
+    queries of attention at one resolution share the pointwise tile list), or reads it at a
+    conv's output tiles, which are the producer's (same mask and tile size): as the residual
+    (``convs.fuse_residuals`` picks the tile so) or as the input of a 1x1 conv (a transformer
+    block's output into ``proj_out``). Values outside those tiles are never read, so the map
+    needs no cache and no restore. Outputs, maps read in full
     (keys/values, dense ops, convs with halos or other tiles) and incremental norms' inputs keep
     theirs.
     """
@@ -159,7 +162,7 @@ def mark_private_maps(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         name, key = node.kwargs["name"], node.kwargs["tile_key"]
         if name not in ctx.maps or name in norm_inputs or not node.users:
             continue
-        if all(_reads_only_tiles(u, node, key) for u in node.users):
+        if all(_reads_only_tiles(u, node, key, ctx.tile_requests) for u in node.users):
             private.add(name)
     ctx.private_maps = frozenset(private)
     ctx.bump("private_maps", len(private))
@@ -204,8 +207,22 @@ def pass_tiles(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     return finish(gm, "pass_tiles", len(passed))
 
 
-def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str) -> bool:
-    if user.op != "call_function" or user.kwargs.get("tile_key") != key:
+def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str,
+                      requests: dict) -> bool:  # fmt: skip
+    if user.op != "call_function":
+        return False
+    if user.target is ops.sparse_conv2d:
+        # a conv reads its residual at its output tiles, and a 1x1 conv (stride 1, no padding)
+        # its input too: the producer's tiles when both lists come from one mask and one tile
+        # size (their output corners are the same list)
+        mine, theirs = requests[user.kwargs["tile_key"]], requests[key]
+        if (mine.mask, mine.tile) != (theirs.mask, theirs.tile):
+            return False
+        if producer not in pytree.tree_leaves(user.args):
+            return user.kwargs.get("residual") is producer
+        return (mine.kernel, mine.stride, mine.padding, mine.in_scale, mine.transposed) == (
+            (1, 1), (1, 1), (0, 0), 1, False)  # fmt: skip
+    if user.kwargs.get("tile_key") != key:
         return False
     if user.target is ops.sparse_attention:  # the queries only (keys/values are read in full)
         return user.args[2] is producer and producer not in user.args[3:5]
