@@ -4,8 +4,8 @@ layout vocabulary, independent pass families (``pyproject.toml``)."""
 
 import ast
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
