@@ -95,6 +95,10 @@ class SparseConfig:
             the tiles its producer writes, by tile ops and attention on the same tile list, the
             producer hands its tile batch to the readers and the map is never built (no scatter,
             no gathers, no working map; ``pipeline.pass_tiles``).
+        upsample_reads: a sparse conv whose input is a nearest upsampling by an integer factor
+            (and read by sparse convs only) reads the upsampling's input through a lookup
+            (``convs.fold_upsamples``): the upsampled map is never built, so it needs no working
+            map, no cache per slot and no upsampling kernels in the edit.
     """
 
     mask_policy: str = "truncated"
@@ -119,6 +123,7 @@ class SparseConfig:
     count_graph: str = "inductor"
     compile_workers: int = 8
     pass_tiles: bool = True
+    upsample_reads: bool = True
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:

@@ -172,6 +172,12 @@ def remap_index(i: torch.Tensor, n: int, mode: int) -> torch.Tensor:
     return i.clamp(0, n - 1)
 
 
+def check_upsample(upsample) -> None:
+    """``upsample`` (a kernel's read of its input through a nearest upsampling): an int >= 1."""
+    if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
+        raise ValueError(f"upsample: expected an integer factor >= 1, got {upsample!r}")
+
+
 def tile_pixel_index(
     corners: torch.Tensor, num_active, tile_h: int, tile_w: int, height: int, width: int,
     pad_mode: int = 0,

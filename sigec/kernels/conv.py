@@ -28,6 +28,9 @@ Contract:
                 reflection / replicate pad folded into the read: the reflected / nearest pixel).
     num_active: optional int32 ``[1]``: tiles ``m >= num_active`` are capacity padding (programs
                 past the real tiles exit at once).
+    upsample:   int, default 1: the parts are read as their nearest upsampling by this factor
+                (``gather``'s ``upsample``: the conv of an upsampled map that is never built);
+                ``in_corners`` are in the upsampled map's pixels.
 
 Matches ``tile_conv_reference`` (gather -> ``F.conv2d`` -> scatter) to the accumulation order and
 one rounding (the reference rounds the conv output before adding the residual). Tested under the
@@ -48,6 +51,7 @@ from sigec.kernels._common import (
     check_pad_mode,
     check_tensor,
     check_tile_size,
+    check_upsample,
     launch,
     reject_float64,
 )
@@ -65,7 +69,7 @@ def _accumulate_part(
     stride_sn, stride_sc, stride_bn, stride_bc,
     slope,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAD_MODE: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAD_MODE: tl.constexpr, UP: tl.constexpr,
 ):  # fmt: skip
     """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight)."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -84,6 +88,9 @@ def _accumulate_part(
             inside = row_ok
             y = _remap(y, H, PAD_MODE)
             x = _remap(x, W, PAD_MODE)
+        if UP > 1:  # H, W are the upsampled map's; read its source pixel
+            y = tl.maximum(y, 0) // UP
+            x = tl.maximum(x, 0) // UP
         c_ok = c < C
         base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
         a = tl.load(base[:, None] + c[None, :] * stride_xc,
@@ -130,7 +137,7 @@ def _tile_conv_kernel(
     # meta-parameters
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACT: tl.constexpr, IEEE: tl.constexpr, PAD_MODE: tl.constexpr,
+    ACT: tl.constexpr, IEEE: tl.constexpr, PAD_MODE: tl.constexpr, UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # -- rows are the output pixels (tile m, pixel p) of sample n: real tiles come first
@@ -165,7 +172,7 @@ def _tile_conv_kernel(
         stride_x1n, stride_x1c, stride_x1h, stride_x1w,
         stride_wo, stride_wc, stride_wh, stride_ww,
         stride_sn, stride_sc, stride_bn, stride_bc, slope,
-        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE,
+        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP,
     )  # fmt: skip
     if HAS_X2:
         acc = _accumulate_part(
@@ -174,7 +181,7 @@ def _tile_conv_kernel(
             stride_x2n, stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wc, stride_wh, stride_ww,
             stride_sn, stride_sc, stride_bn, stride_bc, slope,
-            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE,
+            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP,
         )  # fmt: skip
 
     # -- epilogue: bias, residual, write into the map (only pixels inside it)
@@ -211,12 +218,13 @@ def tile_conv_reference(
     residual: torch.Tensor | None = None,
     num_active: torch.Tensor | None = None,
     pad_mode: str = "zeros",
+    upsample: int = 1,
 ) -> None:
     """gather -> ``F.conv2d`` -> scatter: the definition of correctness and the CPU path."""
     in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
     in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
     batch = gather_parts(gather_reference, parts, in_corners, in_h, in_w, scale, shift,
-                         activation, slope, num_active, pad_mode)  # fmt: skip
+                         activation, slope, num_active, pad_mode, upsample)  # fmt: skip
     y = F.conv2d(batch, weight, bias, tuple(stride), 0, tuple(dilation))
     scatter_reference(out, y.contiguous(), out_corners, residual, num_active)
 
@@ -237,7 +245,7 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
 def tile_conv_triton(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True, pad_mode: str = "zeros",
+    check_values=True, pad_mode: str = "zeros", upsample: int = 1,
     blocks: tuple[int, int, int, int, int] | None = None,
 ) -> None:  # fmt: skip
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
@@ -246,7 +254,7 @@ def tile_conv_triton(
     """
     act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
                  dilation, scale, shift, activation, slope, residual, num_active,
-                 check_values)  # fmt: skip
+                 check_values, upsample)  # fmt: skip
     reject_float64("out", out)
     nb, co, ho, wo = out.shape
     m = in_corners.shape[0]
@@ -266,7 +274,8 @@ def tile_conv_triton(
         residual if residual is not None else dummy, in_corners.contiguous(),
         out_corners.contiguous(), num_active if num_active is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
-        m, c1, c2, h, w, co, ho, wo, tile_h, tile_w, weight.shape[2], weight.shape[3],
+        m, c1, c2, h * upsample, w * upsample, co, ho, wo, tile_h, tile_w, weight.shape[2],
+        weight.shape[3],
         stride[0], stride[1], dilation[0], dilation[1],
         *out.stride(), *x1.stride(), *x2.stride(), *weight.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
@@ -276,17 +285,18 @@ def tile_conv_triton(
         HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, ACT=act, IEEE=out.dtype == torch.float32,
-        PAD_MODE=check_pad_mode(pad_mode),
+        PAD_MODE=check_pad_mode(pad_mode), UP=upsample,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
 def _check(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
-    scale, shift, activation, slope, residual, num_active, check_values=True,
+    scale, shift, activation, slope, residual, num_active, check_values=True, upsample=1,
 ) -> int:  # fmt: skip
     check_tensor("out", out, rank=4)
     check_tile_size(tile_h, tile_w)
+    check_upsample(upsample)
     if not isinstance(parts, list | tuple) or not 1 <= len(parts) <= 2:
         raise ValueError("parts: expected a list of one or two input maps (a channel concat)")
     nb = out.shape[0]
@@ -311,7 +321,7 @@ def _check(
     for name, pair in (("stride", stride), ("dilation", dilation)):
         if len(pair) != 2 or any(int(v) < 1 for v in pair):
             raise ValueError(f"{name}: expected two positive ints, got {pair!r}")
-    h, w = parts[0].shape[2:]
+    h, w = (int(v) * upsample for v in parts[0].shape[2:])
     in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
     in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
     check_corners(in_corners, num_active, height=h, width=w, tile_h=in_h, tile_w=in_w,
@@ -361,6 +371,7 @@ def tile_conv(
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
     pad_mode: str = "zeros",
+    upsample: int = 1,
 ) -> None:
     """Conv on the active tiles, written into ``out`` in place (see the module docstring).
 
@@ -377,23 +388,25 @@ def tile_conv(
         check_values: range-check the corners (one host sync on CUDA).
         pad_mode: what reads outside the input map give: "zeros", or the pixel of a folded
             "reflect" / "replicate" pad.
+        upsample: read the parts as their nearest upsampling by this integer factor.
     """
     args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
             scale, shift, activation, slope, residual, num_active)  # fmt: skip
     check_pad_mode(pad_mode)
     if out.is_cuda:
-        tile_conv_triton(*args, check_values, pad_mode)
+        tile_conv_triton(*args, check_values, pad_mode, upsample)
         return
-    _check(*args, check_values)
-    tile_conv_reference(*args, pad_mode=pad_mode)
+    _check(*args, check_values, upsample)
+    tile_conv_reference(*args, pad_mode=pad_mode, upsample=upsample)
 
 
 @tile_conv.register_fake
 def _tile_conv_fake(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True, pad_mode="zeros",
+    check_values=True, pad_mode="zeros", upsample=1,
 ):  # fmt: skip
     _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
-           scale, shift, activation, slope, residual, num_active, check_values)  # fmt: skip
+           scale, shift, activation, slope, residual, num_active, check_values,
+           upsample)  # fmt: skip
     check_pad_mode(pad_mode)

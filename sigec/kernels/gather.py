@@ -16,6 +16,10 @@ Contract:
     replicate pad folded into the read) they are the reflected / nearest border pixel instead,
     with the prologue applied to it like to any other.
     num_active (optional int32 ``[1]``): rows ``m >= num_active`` are capacity padding, zero.
+    upsample (int, default 1): read ``x`` as its nearest upsampling by this factor (a virtual
+        ``[N, C, H*f, W*f]`` map whose pixel ``(y, x)`` is ``x[y // f, x // f]``); corners and
+        padding are in the virtual map's pixels. A conv after a nearest upsampling reads the
+        upsampling's input this way, so the upsampled map is never built or cached.
 
 Offsets are computed in 64-bit, so maps larger than 2**31 elements are fine. Tested under the Triton
 CPU interpreter (fp32, fp16) against ``gather_reference`` and on an NVIDIA H100/H200 (see
@@ -38,6 +42,7 @@ from sigec.kernels._common import (
     check_pad_mode,
     check_tensor,
     check_tile_size,
+    check_upsample,
     compute_dtype,
     launch,
     reject_float64,
@@ -85,7 +90,7 @@ def _gather_kernel(
     slope,
     # meta-parameters
     HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    ACT: tl.constexpr, ACT_FIRST: tl.constexpr, PAD_MODE: tl.constexpr,
+    ACT: tl.constexpr, ACT_FIRST: tl.constexpr, PAD_MODE: tl.constexpr, UP: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     # -- which tile, which channels, which pixels of the tile
@@ -112,6 +117,9 @@ def _gather_kernel(
         x = _remap(x, W, PAD_MODE)
     if HAS_COUNT:
         inside = inside & (m < tl.load(count_ptr))
+    if UP > 1:  # H, W are the upsampled map's; read its source pixel
+        y = tl.maximum(y, 0) // UP
+        x = tl.maximum(x, 0) // UP
 
     # -- load [BLOCK_C, BLOCK_P]
     src = (
@@ -160,12 +168,14 @@ def gather_reference(
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
     pad_mode: str = "zeros",
+    upsample: int = 1,
 ) -> torch.Tensor:
     """Plain PyTorch gather: the definition of correctness and the CPU path. Same contract."""
     n, c, h, w = x.shape
     m = corners.shape[0]
-    ys, xs, valid = tile_pixel_index(corners, num_active, tile_h, tile_w, h, w,
-                                     check_pad_mode(pad_mode))  # fmt: skip
+    ys, xs, valid = tile_pixel_index(corners, num_active, tile_h, tile_w, h * upsample,
+                                     w * upsample, check_pad_mode(pad_mode))  # fmt: skip
+    ys, xs = ys // upsample, xs // upsample
     # tiles: [N, C, M, th, tw]
     cd = compute_dtype(x)
     v = x[:, :, ys, xs].to(cd)
@@ -195,10 +205,21 @@ def gather_triton(
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
     pad_mode: str = "zeros",
+    upsample: int = 1,
 ) -> torch.Tensor:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     act = _check(
-        x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values
+        x,
+        corners,
+        tile_h,
+        tile_w,
+        scale,
+        shift,
+        activation,
+        slope,
+        num_active,
+        check_values,
+        upsample,
     )
     reject_float64("x", x)
     n, c, h, w = x.shape
@@ -216,14 +237,15 @@ def gather_triton(
         _gather_kernel, grid,
         x, out, corners.contiguous(), num_active if num_active is not None else dummy,
         scale if scale is not None else dummy, shift if shift is not None else dummy,
-        m, c, h, w, tile_h, tile_w,
+        m, c, h * upsample, w * upsample, tile_h, tile_w,
         *x.stride(), *out.stride(),
         *(scale.stride() if scale is not None else (0, 0)),
         *(shift.stride() if shift is not None else (0, 0)),
         float(slope),
         HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, ACT=act, ACT_FIRST=act_first,
-        PAD_MODE=check_pad_mode(pad_mode), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        PAD_MODE=check_pad_mode(pad_mode), UP=upsample, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -234,16 +256,27 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _check(
-    x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values=True
+    x,
+    corners,
+    tile_h,
+    tile_w,
+    scale,
+    shift,
+    activation,
+    slope,
+    num_active,
+    check_values=True,
+    upsample=1,
 ) -> int:
     check_tensor("x", x, rank=4)
     check_tile_size(tile_h, tile_w)
+    check_upsample(upsample)
     n, c, h, w = x.shape
     check_corners(
         corners,
         num_active,
-        height=h,
-        width=w,
+        height=h * upsample,
+        width=w * upsample,
         tile_h=tile_h,
         tile_w=tile_w,
         device=x.device,
@@ -275,6 +308,7 @@ def gather(
     num_active: torch.Tensor | None = None,
     check_values: bool = True,
     pad_mode: str = "zeros",
+    upsample: int = 1,
 ) -> torch.Tensor:
     """Gather active tiles of ``x`` into ``[N*M, C, tile_h, tile_w]`` (see the module docstring).
 
@@ -290,23 +324,27 @@ def gather(
         check_values: range-check the corners (one host sync on CUDA).
         pad_mode: what reads outside the map give: "zeros", or the pixel of a folded "reflect"
             / "replicate" pad.
+        upsample: read ``x`` as its nearest upsampling by this integer factor (corners in the
+            upsampled map's pixels).
 
     Returns:
         The tile batch, in x's dtype and memory format.
     """
     args = (x, corners, tile_h, tile_w, scale, shift, activation, slope, act_first, num_active)
     if x.is_cuda:
-        return gather_triton(*args, check_values, pad_mode)
-    _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values)
-    return gather_reference(*args, pad_mode=pad_mode)
+        return gather_triton(*args, check_values, pad_mode, upsample)
+    _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values,
+           upsample)  # fmt: skip
+    return gather_reference(*args, pad_mode=pad_mode, upsample=upsample)
 
 
 @gather.register_fake
 def _gather_fake(
     x, corners, tile_h, tile_w, scale=None, shift=None, activation="identity", slope=0.01,
-    act_first=False, num_active=None, check_values=True, pad_mode="zeros",
+    act_first=False, num_active=None, check_values=True, pad_mode="zeros", upsample=1,
 ):  # fmt: skip
-    _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values)
+    _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active, check_values,
+           upsample)  # fmt: skip
     check_pad_mode(pad_mode)
     n, c = x.shape[:2]
     return torch.empty((n * corners.shape[0], c, tile_h, tile_w), device=x.device, dtype=x.dtype,
@@ -316,17 +354,19 @@ def _gather_fake(
 def gather_parts(gather_fn, parts: list[torch.Tensor], corners: torch.Tensor, tile_h: int,
                  tile_w: int, scale: torch.Tensor | None, shift: torch.Tensor | None,
                  activation: str, slope: float, num_active: torch.Tensor | None,
-                 pad_mode: str = "zeros") -> torch.Tensor:  # fmt: skip
+                 pad_mode: str = "zeros", upsample: int = 1) -> torch.Tensor:  # fmt: skip
     """The tile batch of the channel concatenation of ``parts`` (which is never built): each part
     gathered with its channels' slice of the folded norm's ``scale`` / ``shift``, the batches
     concatenated. ``gather_fn`` is ``gather`` (the runtime's cuDNN conv path) or
-    ``gather_reference`` (the conv reference): one definition of the per-part gather for both."""
+    ``gather_reference`` (the conv reference): one definition of the per-part gather for both.
+    ``upsample``: every part is read as its nearest upsampling by this factor."""
     batches, offset = [], 0
     for part in parts:
         c = part.shape[1]
         sc = scale[:, offset : offset + c] if scale is not None else None
         sh = shift[:, offset : offset + c] if shift is not None else None
         batches.append(gather_fn(part, corners, tile_h, tile_w, sc, sh, activation, slope, False,
-                                 num_active, check_values=False, pad_mode=pad_mode))  # fmt: skip
+                                 num_active, check_values=False, pad_mode=pad_mode,
+                                 upsample=upsample))  # fmt: skip
         offset += c
     return batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)

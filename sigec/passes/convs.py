@@ -1,6 +1,6 @@
 """Convolution passes: sparse convs become gather -> conv -> scatter (``ops.sparse_conv2d``),
-with pads folded into the reads, the norm/activation prologue into the gather, concatenated
-inputs gathered part by part and a residual add into the scatter.
+with pads and nearest upsamplings folded into the reads, the norm/activation prologue into the
+gather, concatenated inputs gathered part by part and a residual add into the scatter.
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from sigec.passes.base import (
     replace_with,
     sparse_nodes,
 )
-from sigec.passes.op_tables import ACTIVATION_OPS, conv_params, pad_spec, transposed_params
+from sigec.passes.op_tables import (
+    ACTIVATION_OPS,
+    conv_params,
+    pad_spec,
+    transposed_params,
+    upsample_factor,
+)
 from sigec.runtime import ops
 from sigec.runtime.program import (
     transposed_crop,
@@ -110,8 +116,52 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         node.kwargs = {**node.kwargs, "tile_key": new_key}
         if mode != "zeros":
             node.kwargs = {**node.kwargs, "pad_mode": mode}
+        if not pad.users:  # gone now, so the passes below see the conv as x's reader
+            gm.graph.erase_node(pad)
         changed += 1
     return finish(gm, "fold_pads", changed, ctx, "pads_folded")
+
+
+def fold_upsamples(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """``conv(upsample_nearest(x, f))`` -> the conv reads ``x`` through the lookup ``y // f``
+    (``sparse_conv2d(upsample=f)``; ``SparseConfig.upsample_reads``).
+
+    The upsampled map is then never built: no working map, no cache per slot, no upsampling in
+    the edit. Exact: ``x``'s working map holds the edited tiles and the record everywhere else,
+    so the virtual map equals the upsampling of it at every pixel the conv reads, padding
+    included (corners and the folded pad's reflection are in the upsampled map's pixels). Only
+    where every reader of the upsampling is a sparse conv taking it as its one input (not a
+    concat part or a residual, not transposed); otherwise it stays a map. After ``fold_pads``,
+    so ``conv(pad(upsample(x)))`` folds both; before ``fuse_prologues``, which may then fold an
+    activation or norm of ``x`` into the same read (pointwise ops commute with the upsampling).
+    """
+    if not ctx.config.upsample_reads:
+        ctx.bump("upsamples_read", 0)
+        return PassResult("fold_upsamples", 0)
+    changed = 0
+    for up in list(gm.graph.nodes):
+        if up.op != "call_function" or info(up).op != "upsample" or info(up).mode != "sparse":
+            continue
+        f = upsample_factor(up)
+        users = list(up.users)
+        if f is None or not users or not all(_reads_as_input(u, up) for u in users):
+            continue
+        for conv in users:
+            conv.args = (*conv.args[:2], up.args[0], *conv.args[3:])
+            conv.kwargs = {**conv.kwargs, "upsample": f}
+        gm.graph.erase_node(up)
+        changed += 1
+    return finish(gm, "fold_upsamples", changed, ctx, "upsamples_read")
+
+
+def _reads_as_input(user: torch.fx.Node, up: torch.fx.Node) -> bool:
+    """``user`` is a sparse conv whose single input (nothing else of it) is ``up``."""
+    if user.target is not ops.sparse_conv2d or user.args[2] is not up:
+        return False
+    if user.kwargs.get("transposed") is not None or user.kwargs.get("upsample", 1) != 1:
+        return False
+    rest = [*user.args[3:], *user.kwargs.values()]
+    return up not in rest
 
 
 def fuse_prologues(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -36,6 +36,7 @@ PIPELINE = (
     folds.fold_biases,  # affine(x + temb) -> affine'(x): after fold_norms, before prologue fusion
     convs.rewrite_convs,  # sparse convs -> sparse_conv2d (gather -> conv -> scatter)
     convs.fold_pads,  # conv(pad(x)) -> conv(x) with more padding; before prologue fusion looks at x
+    convs.fold_upsamples,  # conv(upsample(x)) reads x through y // f: no upsampled map at all
     convs.fuse_prologues,  # act(affine(x)) into the gather; before rewrite_tile_ops wraps them
     convs.fuse_concats,  # conv(cat(a, b)) gathers a and b; after fuse_prologues saw the affine
     convs.fuse_residuals,  # add(conv, r) into the scatter; before rewrite_tile_ops wraps the add

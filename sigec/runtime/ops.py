@@ -105,6 +105,7 @@ def sparse_conv2d(
     kernel: str = "cudnn",
     pad_mode: str = "zeros",
     transposed: tuple[int, int, int, int] | None = None,
+    upsample: int = 1,
 ) -> torch.Tensor:
     """gather (+ folded norm + activation) -> conv on tiles -> scatter (+ bias + residual).
 
@@ -117,7 +118,8 @@ def sparse_conv2d(
     does so for convs without a prologue. ``transposed`` (a transposed conv): ``(pad_h, pad_w,
     off_h, off_w)``: each gathered input window's transposed conv with that padding holds the
     output tile at that offset (``program.transposed_window`` / ``transposed_crop``: cuDNN
-    computes little past the tile); always the cuDNN path.
+    computes little past the tile); always the cuDNN path. ``upsample`` (``convs.fold_upsamples``):
+    ``x`` is read as its nearest upsampling by this factor, which is never built.
     """
     ts = tiles[tile_key]
     out = state.work(name)
@@ -131,11 +133,12 @@ def sparse_conv2d(
     if fused and transposed is None:
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
-                  ts.num_active, check_values=False, pad_mode=pad_mode)  # fmt: skip
+                  ts.num_active, check_values=False, pad_mode=pad_mode,
+                  upsample=upsample)  # fmt: skip
         state.note_written(name, ts)
         return out
     batch = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act, slope,
-                         ts.num_active, pad_mode)  # fmt: skip
+                         ts.num_active, pad_mode, upsample)  # fmt: skip
     if transposed is not None:  # the window's transposed conv, cut to the output tile
         ph, pw, oh, ow = transposed
         y = F.conv_transpose2d(batch, weight, None, stride, (ph, pw), 0, groups, dilation)

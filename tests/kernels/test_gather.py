@@ -126,6 +126,13 @@ BAD_CALLS = [
     ("activation", {"activation": "tanh"}, ValueError, "activation: expected one of"),
     ("tile size", {"tile_h": 0}, ValueError, "tile size"),
     ("num_active", {"num_active": torch.tensor([5], dtype=torch.int32)}, ValueError, "[0, 1]"),
+    ("upsample", {"upsample": 0}, ValueError, "upsample: expected an integer factor >= 1"),
+    (
+        "corners past the upsampled map",
+        {"upsample": 2, "corners": corners_tensor([(0, 17)])},
+        ValueError,
+        "on a 12x12 map",
+    ),
 ]
 
 
@@ -178,3 +185,23 @@ def test_folded_pad_modes_read_what_the_padded_map_holds(mode, impl):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="pad_mode: expected one of"):
         gather(x, corners_tensor(corners), th, tw, pad_mode="circular")
+
+
+@pytest.mark.parametrize("factor, mode", [(2, "zeros"), (3, "zeros"), (2, "reflect"),
+                                          (2, "replicate")])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_upsampled_read_equals_gathering_the_upsampled_map(factor, mode, dtype):
+    """``upsample=f`` reads x as its nearest upsampling: the same tiles as gathering the
+    upsampled map itself (corners in its pixels, padding around it): bit for bit as a copy and
+    in the reference, to one rounding with Triton's prologue (it may contract into an FMA)."""
+    x = torch.randn(2, 3, 5, 4).to(dtype)
+    up = F.interpolate(x, scale_factor=factor, mode="nearest")
+    co = corners_tensor([(-1, -1), (3, 2), (5 * factor - 2, 4 * factor - 3), (0, 4)])
+    scale, shift = torch.randn(2, 3), torch.randn(2, 3)
+    for impl in (gather_reference, gather_triton):
+        for pro in ((), (scale, shift, "silu")):
+            got = impl(x, co, 4, 4, *pro, pad_mode=mode, upsample=factor)
+            want = gather_reference(up, co, 4, 4, *pro, pad_mode=mode)
+            exact = impl is gather_reference or not pro
+            tol = 0 if exact else 1e-6 if dtype == torch.float32 else 1e-3
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)

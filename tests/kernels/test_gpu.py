@@ -64,6 +64,16 @@ def test_gather_prologue_on_cuda(act, dtype, atol, rtol):
         torch.testing.assert_close(got.cpu(), gather_reference(x, *args), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+def test_gather_through_an_upsampling_on_cuda(factor):
+    """``upsample=f`` on the GPU: the tiles of the nearest-upsampled map, bit for bit."""
+    x = torch.randn(2, 37, 6, 5, dtype=torch.float16)
+    co = corners_tensor([(-1, -1), (3, 2), (6 * factor - 2, 5 * factor - 3)])
+    up = F.interpolate(x.float(), scale_factor=factor, mode="nearest").half()
+    got = torch.ops.sigec.gather(x.cuda(), co.cuda(), 4, 4, upsample=factor)
+    torch.testing.assert_close(got.cpu(), gather_reference(up, co, 4, 4), atol=0, rtol=0)
+
+
 def test_64_bit_offsets():
     # 33 * 8192 * 8192 > 2**31 elements: the last channel is past the int32 range
     x = torch.empty(1, 33, 8192, 8192, dtype=torch.float16, device="cuda")
@@ -100,14 +110,16 @@ def test_sparse_conv_on_cuda_without_host_sync(dtype, atol, rtol):
 
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
 @pytest.mark.parametrize(
-    "c1, c2, co, k, stride",
-    [(64, 0, 128, 3, 1), (96, 64, 64, 3, 1), (128, 0, 64, 1, 1), (32, 0, 48, 3, 2)],
-)
-def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol, rtol):
+    "c1, c2, co, k, stride, up",
+    [(64, 0, 128, 3, 1, 1), (96, 64, 64, 3, 1, 1), (128, 0, 64, 1, 1, 1), (32, 0, 48, 3, 2, 1),
+     (64, 32, 64, 3, 1, 2)],
+)  # fmt: skip
+def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, atol, rtol):
     """Fused tile conv with the launch heuristic's blocks, channels-last, capacity padding, a
-    norm + SiLU prologue and a residual; no host sync."""
+    norm + SiLU prologue and a residual; no host sync. ``up``: the inputs read through a
+    nearest upsampling (``upsample``)."""
     cl = torch.channels_last
-    parts = [torch.randn(2, c, 40, 36) for c in (c1, c2) if c]
+    parts = [torch.randn(2, c, 40 // up, 36 // up) for c in (c1, c2) if c]
     weight = torch.randn(co, c1 + c2, k, k) / ((c1 + c2) * k * k) ** 0.5
     bias = torch.randn(co)
     scale, shift = torch.rand(2, c1 + c2) + 0.5, torch.randn(2, c1 + c2)
@@ -120,7 +132,7 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol,
     want = torch.zeros(2, co, ho, wo)
     rounded = [a.to(dtype).float() if isinstance(a, torch.Tensor) and a.is_floating_point()
                else a for a in args]  # fmt: skip
-    tile_conv_reference(want, [p.to(dtype).float() for p in parts], *rounded)
+    tile_conv_reference(want, [p.to(dtype).float() for p in parts], *rounded, upsample=up)
     g = lambda a: a.to(dtype).cuda() if a.is_floating_point() else a.cuda()  # noqa: E731
     got = torch.zeros(2, co, ho, wo, device="cuda", dtype=dtype).contiguous(memory_format=cl)
     gargs = [g(a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -129,7 +141,7 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, dtype, atol,
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        torch.ops.sigec.tile_conv(got, gparts, *gargs, check_values=False)
+        torch.ops.sigec.tile_conv(got, gparts, *gargs, check_values=False, upsample=up)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]

@@ -148,9 +148,10 @@ def _bad(**override):
         (dict(in_corners=torch.zeros(1, 2, dtype=torch.int32)), ValueError, "same tiles"),
         (dict(out_corners=torch.tensor([[90, 0]], dtype=torch.int32),
               in_corners=torch.tensor([[0, 0]], dtype=torch.int32)), ValueError, "out of range"),
+        (dict(upsample=0), ValueError, "upsample: expected an integer factor >= 1"),
     ],
     ids=["weight-channels", "weight-dtype", "three-parts", "part-batch", "bias", "stride",
-         "scale", "residual", "corner-count", "corner-range"],
+         "scale", "residual", "corner-count", "corner-range", "upsample-zero"],
 )  # fmt: skip
 def test_bad_input_is_a_typed_error(override, exc, words):
     with pytest.raises(exc) as e:
@@ -174,6 +175,39 @@ def test_folded_pad_modes_equal_the_padded_dense_conv(mode, k, stride, dilation)
         out = torch.full(shape, float("nan"))
         extra = {"blocks": BIG} if impl is tile_conv_triton else {}
         impl(out, [x], *args, pad_mode=mode, **extra)
+        written = ~out[0, 0].isnan()
+        assert written[mask].all()
+        torch.testing.assert_close(out[:, :, written], dense[:, :, written], rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("factor, mode", [(2, "zeros"), (3, "zeros"), (2, "reflect")])
+def test_upsampled_input_equals_the_conv_of_the_upsampled_map(factor, mode):
+    """``conv(upsample_nearest(x, f))`` with ``upsample=f``: the kernel reads x through the
+    lookup, never the upsampled map; reference and Triton equal the dense conv of the upsampled
+    map on every written pixel (with a folded norm + SiLU prologue and a residual)."""
+    g = torch.Generator().manual_seed(5)
+    n, cin, cout, h, w = 2, 5, 6, 5, 4
+    x = torch.randn(n, cin, h, w, generator=g)
+    up = F.interpolate(x, scale_factor=factor, mode="nearest")
+    weight = torch.randn(cout, cin, 3, 3, generator=g) / 6
+    bias = torch.randn(cout, generator=g)
+    scale, shift = torch.randn(n, cin, generator=g), torch.randn(n, cin, generator=g)
+    residual = torch.randn(n, cout, h * factor, w * factor, generator=g)
+    mask = blob_mask(h * factor, w * factor, 0.3, seed=2)
+    mask[-1, -1] = True
+    ts = active_tiles(mask, 3, 1, 1, tile=4)
+    act_in = F.silu(up * scale[:, :, None, None] + shift[:, :, None, None])
+    if mode == "zeros":
+        dense = F.conv2d(act_in, weight, bias, 1, 1) + residual
+    else:
+        dense = F.conv2d(F.pad(act_in, (1, 1, 1, 1), mode=mode), weight, bias) + residual
+    args = (weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [1, 1], [1, 1], scale,
+            shift, "silu", 0.01, residual)  # fmt: skip
+    for impl in (tile_conv_reference, tile_conv_triton):
+        out = torch.full(residual.shape, float("nan"))
+        extra = {"blocks": BIG} if impl is tile_conv_triton else {}
+        impl(out, [x], *args, pad_mode=mode, upsample=factor, **extra)
         written = ~out[0, 0].isnan()
         assert written[mask].all()
         torch.testing.assert_close(out[:, :, written], dense[:, :, written], rtol=1e-5,

@@ -459,7 +459,63 @@ def test_upsampling_runs_sparse_when_its_factor_divides_the_pointwise_tile(facto
     fallback names the knob that would make it sparse."""
     program = build_program(_Up(factor).eval(), (torch.randn(1, 3, 8, 8),), {},
                             sigec.SparseConfig())  # fmt: skip
-    assert program.counters.get("upsamples_sparse", 0) == int(sparse)
+    on_tiles = program.counters.get("upsamples_sparse", 0) + program.counters["upsamples_read"]
+    assert on_tiles == int(sparse)
     reasons = " ".join(why for _, _, why in program.fallbacks)
     assert ("does not divide the pointwise tile size (4)" in reasons) == (not sparse)
     assert ("block_size={'pointwise'" in reasons) == (not sparse)
+
+
+class _UpConv(nn.Module):
+    """conv -> SiLU -> nearest upsampling -> conv (padded with ``mode``); ``tap``: the upsampled
+    map is also read by an add (not a conv), so it must stay a map."""
+
+    def __init__(self, factor: int, mode: str = "zeros", tap: bool = False):
+        super().__init__()
+        self.factor, self.mode, self.tap = factor, mode, tap
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 3, 3, padding=1 if mode == "zeros" else 0)
+
+    def forward(self, x):
+        u = F.interpolate(F.silu(self.a(x)), scale_factor=self.factor, mode="nearest")
+        v = u if self.mode == "zeros" else F.pad(u, (1, 1, 1, 1), mode=self.mode)
+        y = self.b(v)
+        return y + u[:, :3] if self.tap else y
+
+
+@pytest.mark.parametrize("factor, mode", [(2, "zeros"), (4, "zeros"), (2, "reflect")])
+def test_a_conv_reads_an_upsampling_through_a_lookup(factor, mode):
+    """``fold_upsamples``: the conv reads the upsampling's input (the SiLU folds into the same
+    read), so the upsampled map has no working map and no cache; the edit still equals the
+    dense model (exact policy), and the truncated edit equals the one without the pass."""
+    torch.manual_seed(0)
+    model, x = _UpConv(factor, mode).eval(), torch.randn(1, 3, 8, 8)
+    xe = apply_edit(x, edit_masks(8, 8)["blob"], seed=1)
+    engine = _engine(model, (x,), EXACT)
+    engine.record(x)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-5, atol=1e-6)
+    program = engine.program
+    assert program.counters["upsamples_read"] == 1
+    ups = [n for n in program.record_gm.graph.nodes if "upsample" in str(n.target)]
+    assert ups and not any(n.name in program.maps for n in ups)
+    convs_ = [n for n in program.edit_gm.graph.nodes if n.target is ops.sparse_conv2d]
+    assert [n.kwargs.get("upsample", 1) for n in convs_] == [1, factor]
+    assert convs_[1].kwargs.get("act") == "silu"  # the activation before the upsampling
+    with_pass, without = _with_and_without(convs.fold_upsamples, model, (x,), (xe,),
+                                           "upsamples_read")  # fmt: skip
+    torch.testing.assert_close(with_pass, without, rtol=1e-6, atol=1e-6)
+
+
+def test_an_upsampling_read_by_other_ops_stays_a_map():
+    torch.manual_seed(0)
+    model, x = _UpConv(2, tap=True).eval(), torch.randn(1, 3, 8, 8)
+    engine = _engine(model, (x,), EXACT)
+    engine.record(x)
+    assert engine.program.counters["upsamples_read"] == 0
+    assert engine.program.counters["upsamples_sparse"] == 1
+    xe = apply_edit(x, edit_masks(8, 8)["blob"], seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-5, atol=1e-6)
+    off = sigec.SparseConfig(**{**EXACT.__dict__, "upsample_reads": False})
+    assert build_program(_UpConv(2).eval(), (x,), {}, off).counters["upsamples_read"] == 0
