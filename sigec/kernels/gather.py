@@ -208,19 +208,8 @@ def gather_triton(
     upsample: int = 1,
 ) -> torch.Tensor:
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
-    act = _check(
-        x,
-        corners,
-        tile_h,
-        tile_w,
-        scale,
-        shift,
-        activation,
-        slope,
-        num_active,
-        check_values,
-        upsample,
-    )
+    act = _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active,
+                 check_values, upsample)  # fmt: skip
     reject_float64("x", x)
     n, c, h, w = x.shape
     m = corners.shape[0]
@@ -255,19 +244,8 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if cl else torch.contiguous_format
 
 
-def _check(
-    x,
-    corners,
-    tile_h,
-    tile_w,
-    scale,
-    shift,
-    activation,
-    slope,
-    num_active,
-    check_values=True,
-    upsample=1,
-) -> int:
+def _check(x, corners, tile_h, tile_w, scale, shift, activation, slope, num_active,
+           check_values=True, upsample=1) -> int:  # fmt: skip
     check_tensor("x", x, rank=4)
     check_tile_size(tile_h, tile_w)
     check_upsample(upsample)
