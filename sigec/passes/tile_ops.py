@@ -218,6 +218,8 @@ def _reads_only_tiles(user: torch.fx.Node, producer: torch.fx.Node, key: str,
         mine, theirs = requests[user.kwargs["tile_key"]], requests[key]
         if (mine.mask, mine.tile) != (theirs.mask, theirs.tile):
             return False
+        if user.kwargs.get("upsample", 1) != 1:  # reads through a lookup: other pixels
+            return False
         if producer not in pytree.tree_leaves(user.args):
             return user.kwargs.get("residual") is producer
         return (mine.kernel, mine.stride, mine.padding, mine.in_scale, mine.transposed) == (
