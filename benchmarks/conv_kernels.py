@@ -1,14 +1,18 @@
 """Sparse conv kernels per layer shape: gather -> cuDNN -> scatter against the fused Triton conv.
 
     python benchmarks/conv_kernels.py --out benchmarks/results/conv_kernels.json
+    python benchmarks/conv_kernels.py --no-search   # the runtime's paths only, no block search
 
 For conv shapes of DDPM church-256 (b1) and the SD 1.5 UNet (b2, 512x512), and edits of 1.2 / 5 /
 30 / 100 % of the map (one blob, the runtime's tile sizes: 6 for 3x3, 4 for 1x1), each variant is
 captured in a CUDA graph (10 calls) and its replay timed (median of 20, per call): "cudnn" is the
 runtime's cuDNN path (gather with the folded GroupNorm + SiLU prologue per input part, ``cat``,
 ``F.conv2d`` on the tile batch, scatter with the residual), "fused" is ``tile_conv`` with the
-launch heuristic's blocks, and every entry of ``CONFIGS`` is tried to find the best blocks for the
-shape. fp16, channels-last maps and weights. Never run by the tests.
+launch heuristic's blocks (the prologue applied per tap), "tiles" is gather with the prologue ->
+``tile_conv(input_tiles=True)`` on the gathered windows; both without split-K and with the
+automatic split-K (``*_splitk``, the split it chose in ``split_k``). Unless ``--no-search``,
+every entry of ``CONFIGS`` is tried to find the best blocks of "fused" for the shape. fp16,
+channels-last maps and weights. Never run by the tests.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sigec.kernels import gather, scatter, tile_conv_triton
-from sigec.kernels.conv import block_config
+from sigec.kernels import gather, gather_parts, scatter, tile_conv_triton
+from sigec.kernels.conv import _sm_count, block_config, split_k_for
 from sigec.runtime.masks import active_tiles, blob_mask
 
 # (model, N, input channels per part, C_out, kernel, stride, resolution, prologue, residual)
@@ -68,7 +72,7 @@ def graph_ms(fn, calls: int = 10, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_shape(shape, fractions) -> list[dict]:
+def run_shape(shape, fractions, search: bool = True) -> list[dict]:
     model, n, parts_c, co, k, stride, res, prologue, residual = shape
     dev, dt, cl = "cuda", torch.float16, torch.channels_last
     cin = sum(parts_c)
@@ -107,19 +111,41 @@ def run_shape(shape, fractions) -> list[dict]:
             scatter(out, y.contiguous(memory_format=cl), ts.out_corners, res_map, ts.num_active,
                     check_values=False)  # fmt: skip
 
-        def fused(blocks=None, ts=ts):
+        def fused(blocks=None, ts=ts, split=1):
             return lambda: tile_conv_triton(
                 out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                 [stride] * 2, [1, 1], scale, shift, act, 0.01, res_map, ts.num_active,
-                check_values=False, blocks=blocks,
+                check_values=False, blocks=blocks, split_k=split,
             )  # fmt: skip
+
+        def tiles(ts=ts, split=1):
+            def run():
+                windows = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift,
+                                       act, 0.01, ts.num_active, concat=False)  # fmt: skip
+                tile_conv_triton(out, windows, weight, bias, ts.in_corners, ts.out_corners,
+                                 *ts.out_tile, [stride] * 2, [1, 1], residual=res_map,
+                                 num_active=ts.num_active, check_values=False, input_tiles=True,
+                                 split_k=split)  # fmt: skip
+
+            return run
 
         row = {"model": model, "n": n, "c_in": list(parts_c), "c_out": co, "kernel": k,
                "stride": stride, "res": res, "prologue": prologue, "residual": residual,
                "fraction": fraction, "tiles": count, "capacity": cap}  # fmt: skip
         row["cudnn_ms"] = round(graph_ms(cudnn), 4)
         row["fused_ms"] = round(graph_ms(fused()), 4)
-        row["fused_blocks"] = list(block_config(cin, co, n * cap * ts.out_tile[0] ** 2))
+        row["fused_splitk_ms"] = round(graph_ms(fused(split=0)), 4)
+        row["tiles_ms"] = round(graph_ms(tiles()), 4)
+        row["tiles_splitk_ms"] = round(graph_ms(tiles(split=0)), 4)
+        bm, bn, bk, _, _ = blocks = block_config(cin, co, cap * ts.out_tile[0] ** 2)
+        row["fused_blocks"] = list(blocks)
+        programs = -(-cap * ts.out_tile[0] * ts.out_tile[1] // bm) * -(-co // bn) * n
+        steps = k * k * sum(-(-c // bk) for c in parts_c)
+        row["split_k"] = split_k_for(programs, steps, bm * bn, _sm_count(out.device))
+        if not search:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         tried = {}
         for cfg in CONFIGS:
             try:
@@ -137,12 +163,13 @@ def run_shape(shape, fractions) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    p.add_argument("--no-search", action="store_true", help="skip the block search")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/conv_kernels.json"))
     args = p.parse_args()
     rows = []
     with torch.no_grad():
         for shape in SHAPES:
-            rows += run_shape(shape, args.fractions)
+            rows += run_shape(shape, args.fractions, search=not args.no_search)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 MASK_POLICIES = ("truncated", "exact")
 NORM_STATS = ("cached", "incremental")
-CONV_KERNELS = ("auto", "fused", "cudnn")
+CONV_KERNELS = ("auto", "fused", "tiles", "cudnn")
 
 
 def _default_block_sizes():
@@ -69,7 +69,9 @@ class SparseConfig:
         conv_kernel: how a sparse conv runs on the GPU. "fused": one Triton implicit-GEMM launch
             (``sigec.kernels.tile_conv``) reads the input tiles through the tile list, applies the
             folded norm and activation, convolves, adds bias and residual and writes the output
-            tiles into the map; "cudnn": gather -> cuDNN conv on the tile batch -> scatter;
+            tiles into the map; "tiles": gather (with the norm and activation, once per input
+            pixel) -> the same kernel on the gathered windows (bias, residual and the write in
+            its epilogue); "cudnn": gather -> cuDNN conv on the tile batch -> scatter;
             "auto" (default): fused for convs without a norm/activation prologue, cuDNN for the
             others (measured per layer shape on an H100: the fused kernel is 1.4-3.5x faster
             without a prologue and 1.5-7x slower with one, which it recomputes for every tap;

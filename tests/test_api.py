@@ -506,11 +506,13 @@ def test_compile_after_a_forward_with_grad_enabled():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("kernel", ["fused", "tiles"])
 @pytest.mark.parametrize("name", ["sd15-unet-tiny", "gaugan-tiny"])
-def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
+def test_fused_conv_kernel_in_the_edit_path(name, kernel, monkeypatch):
     """The fused Triton conv (run here by the CPU interpreter) inside real edits: concatenated
-    skip inputs, folded norm + activation prologues, residuals, strided convs and capacity
-    padding rows all agree with the gather -> conv -> scatter path."""
+    skip inputs, folded norm + activation prologues (in the kernel, or for "tiles" in the
+    gather before it), residuals, strided convs and capacity padding rows all agree with the
+    gather -> conv -> scatter path."""
     from sigec.kernels import conv as conv_module
 
     calls = []
@@ -522,7 +524,7 @@ def test_fused_conv_kernel_in_the_edit_path(name, monkeypatch):
     model, args, kwargs = _tiny(name)
     base = dict(block_size={"3x3": 4, "1x1": 4, "pointwise": 4}, cuda_graphs=True)
     fused = sigec.compile(model, args, kwargs,
-                          config=sigec.SparseConfig(**base, conv_kernel="fused"))  # fmt: skip
+                          config=sigec.SparseConfig(**base, conv_kernel=kernel))  # fmt: skip
     cudnn = sigec.compile(model, args, kwargs,
                           config=sigec.SparseConfig(**base, conv_kernel="cudnn"))  # fmt: skip
     for e in (fused, cudnn):
@@ -616,19 +618,28 @@ def test_bad_config_values_are_refused_with_the_choices(field, value, words):
 
 def test_auto_conv_kernel_follows_the_measured_rule():
     """conv_kernel="auto": fused without a prologue and with a short reduction, else cuDNN
-    (docs/results.md, per-shape measurement); "fused" / "cudnn" force one."""
-    from sigec.runtime.ops import FUSED_MAX_K, _use_fused
+    (docs/results.md, per-shape measurement); "fused" / "tiles" / "cudnn" force one, except
+    where a path cannot run the conv (transposed, grouped, more than two fused inputs)."""
+    from sigec.runtime.ops import FUSED_MAX_K, conv_path
 
     short = torch.empty(8, 128, 3, 3)  # C_in * 9 = 1152
     long = torch.empty(8, 1280, 3, 3)  # 11520
     assert short[0].numel() <= FUSED_MAX_K < long[0].numel()
     scale = torch.ones(1, 128)
-    assert _use_fused("auto", None, None, "identity", short)
-    assert not _use_fused("auto", scale, scale, "silu", short)  # a prologue: cuDNN
-    assert not _use_fused("auto", None, None, "silu", short)
-    assert not _use_fused("auto", None, None, "identity", long)  # long reduction: cuDNN
-    assert _use_fused("fused", scale, scale, "silu", long)
-    assert not _use_fused("cudnn", None, None, "identity", short)
+
+    def path(kernel, sc, sh, act, w, groups=1, parts=1, transposed=None):
+        return conv_path(kernel, sc, sh, act, w, groups, parts, transposed)
+
+    assert path("auto", None, None, "identity", short) == "fused"
+    assert path("auto", scale, scale, "silu", short) == "cudnn"  # a prologue: cuDNN
+    assert path("auto", None, None, "silu", short) == "cudnn"
+    assert path("auto", None, None, "identity", long) == "cudnn"  # long reduction: cuDNN
+    assert path("fused", scale, scale, "silu", long) == "fused"
+    assert path("fused", scale, scale, "silu", long, parts=3) == "tiles"
+    assert path("tiles", scale, scale, "silu", short) == "tiles"
+    assert path("cudnn", None, None, "identity", short) == "cudnn"
+    assert path("tiles", None, None, "identity", short, groups=2) == "cudnn"
+    assert path("fused", None, None, "identity", short, transposed=(1, 1, 0, 0)) == "cudnn"
 
 
 def test_a_nan_painted_in_is_edited_and_a_recorded_nan_repaired():

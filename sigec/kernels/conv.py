@@ -62,20 +62,24 @@ from sigec.kernels.scatter import scatter_reference
 @triton.jit
 def _accumulate_part(
     acc, x_ptr, w_ptr, scale_ptr, shift_ptr,
-    n, iy, ix, row_ok, offs_n, n_ok,
+    n, x_off, iy, ix, row_ok, offs_n, n_ok, start,
     C, H, W, C_OFF, KH, KW, DIL_H, DIL_W,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wc, stride_wh, stride_ww,
     stride_sn, stride_sc, stride_bn, stride_bc,
     slope,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, ACT: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_K: tl.constexpr, PAD_MODE: tl.constexpr, UP: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight)."""
+    """acc += conv taps of one input part (channels ``C_OFF .. C_OFF + C`` of the weight).
+
+    ``x_off``: element offset of each row's sample in ``x`` (a scalar for a map, per row for a
+    tile batch). With ``SPLIT > 1`` this program takes every SPLIT-th step from ``start``."""
     offs_k = tl.arange(0, BLOCK_K)
     ncb = tl.cdiv(C, BLOCK_K)
     # one flat loop over (tap, channel block), so the compiler pipelines all of it
-    for i in range(0, KH * KW * ncb):
+    for i in range(start, KH * KW * ncb, SPLIT):
         tap = i // ncb
         c = (i % ncb) * BLOCK_K + offs_k
         ky = tap // KW
@@ -92,7 +96,7 @@ def _accumulate_part(
             y = tl.maximum(y, 0) // UP
             x = tl.maximum(x, 0) // UP
         c_ok = c < C
-        base = x_ptr + n * stride_xn + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
+        base = x_ptr + x_off + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
         a = tl.load(base[:, None] + c[None, :] * stride_xc,
                     mask=inside[:, None] & c_ok[None, :], other=0.0)  # fmt: skip
         if HAS_SCALE or HAS_SHIFT or ACT != 0:
@@ -121,7 +125,7 @@ def _accumulate_part(
 def _tile_conv_kernel(
     # pointers
     out_ptr, x1_ptr, x2_ptr, w_ptr, bias_ptr, res_ptr, in_c_ptr, out_c_ptr, count_ptr,
-    scale_ptr, shift_ptr,
+    scale_ptr, shift_ptr, ws_ptr, lock_ptr,
     # sizes
     M, C1, C2, H, W, CO, HO, WO, TILE_H, TILE_W, KH, KW,
     STRIDE_H, STRIDE_W, DIL_H, DIL_W,
@@ -138,12 +142,15 @@ def _tile_conv_kernel(
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_COUNT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACT: tl.constexpr, IEEE: tl.constexpr, PAD_MODE: tl.constexpr, UP: tl.constexpr,
+    TILED_IN: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # -- rows are the output pixels (tile m, pixel p) of sample n: real tiles come first
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    pid_z = tl.program_id(2)  # = n * SPLIT + the reduction slice of this program
+    n = (pid_z // SPLIT).to(tl.int64)
+    split = pid_z % SPLIT
     P = TILE_H * TILE_W
     active = M
     if HAS_COUNT:
@@ -159,30 +166,56 @@ def _tile_conv_kernel(
     dx = p % TILE_W
     oy = tl.load(out_c_ptr + 2 * m, mask=row_ok, other=0) + dy
     ox = tl.load(out_c_ptr + 2 * m + 1, mask=row_ok, other=0) + dx
-    iy = tl.load(in_c_ptr + 2 * m, mask=row_ok, other=0) + dy * STRIDE_H
-    ix = tl.load(in_c_ptr + 2 * m + 1, mask=row_ok, other=0) + dx * STRIDE_W
+    if TILED_IN:  # the parts are gathered tile batches: row (m, p) reads sample n * M + m
+        iy = dy * STRIDE_H
+        ix = dx * STRIDE_W
+        sample = n * M + m.to(tl.int64)
+        x1_off = sample * stride_x1n
+        x2_off = sample * stride_x2n
+    else:
+        iy = tl.load(in_c_ptr + 2 * m, mask=row_ok, other=0) + dy * STRIDE_H
+        ix = tl.load(in_c_ptr + 2 * m + 1, mask=row_ok, other=0) + dx * STRIDE_W
+        x1_off = n * stride_x1n
+        x2_off = n * stride_x2n
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < CO
 
-    # -- implicit GEMM over (part, ky, kx, channel block)
+    # -- implicit GEMM over (part, ky, kx, channel block); split-K: every SPLIT-th step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate_part(
-        acc, x1_ptr, w_ptr, scale_ptr, shift_ptr, n, iy, ix, row_ok, offs_n, n_ok,
+        acc, x1_ptr, w_ptr, scale_ptr, shift_ptr, n, x1_off, iy, ix, row_ok, offs_n, n_ok, split,
         C1, H, W, 0, KH, KW, DIL_H, DIL_W,
-        stride_x1n, stride_x1c, stride_x1h, stride_x1w,
+        stride_x1c, stride_x1h, stride_x1w,
         stride_wo, stride_wc, stride_wh, stride_ww,
         stride_sn, stride_sc, stride_bn, stride_bc, slope,
-        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP,
+        HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP, SPLIT,
     )  # fmt: skip
     if HAS_X2:
+        steps1 = KH * KW * tl.cdiv(C1, BLOCK_K)  # part 2 continues part 1's step count
         acc = _accumulate_part(
-            acc, x2_ptr, w_ptr, scale_ptr, shift_ptr, n, iy, ix, row_ok, offs_n, n_ok,
+            acc, x2_ptr, w_ptr, scale_ptr, shift_ptr, n, x2_off, iy, ix, row_ok, offs_n, n_ok,
+            (split + SPLIT - steps1 % SPLIT) % SPLIT,
             C2, H, W, C1, KH, KW, DIL_H, DIL_W,
-            stride_x2n, stride_x2c, stride_x2h, stride_x2w,
+            stride_x2c, stride_x2h, stride_x2w,
             stride_wo, stride_wc, stride_wh, stride_ww,
             stride_sn, stride_sc, stride_bn, stride_bc, slope,
-            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP,
+            HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP, SPLIT,
         )  # fmt: skip
+
+    if SPLIT > 1:
+        # -- split-K: add the partial sum into the block's fp32 workspace; the program that
+        # arrives last takes the sum (and leaves the workspace and its counter zero again)
+        block = (n * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        ws = ws_ptr + block * (BLOCK_M * BLOCK_N) + cell
+        tl.atomic_add(ws, acc, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is in before the arrival is counted
+        arrived = tl.atomic_add(lock_ptr + block, 1)  # acq_rel: orders the partials
+        if arrived != SPLIT - 1:
+            return
+        acc = tl.load(ws, cache_modifier=".cg")  # from L2, where the atomics summed
+        tl.store(ws, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+        tl.atomic_xchg(lock_ptr + block, 0)
 
     # -- epilogue: bias, residual, write into the map (only pixels inside it)
     if HAS_BIAS:
@@ -219,14 +252,24 @@ def tile_conv_reference(
     num_active: torch.Tensor | None = None,
     pad_mode: str = "zeros",
     upsample: int = 1,
+    input_tiles: bool = False,
 ) -> None:
     """gather -> ``F.conv2d`` -> scatter: the definition of correctness and the CPU path."""
-    in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
-    in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
-    batch = gather_parts(gather_reference, parts, in_corners, in_h, in_w, scale, shift,
-                         activation, slope, num_active, pad_mode, upsample)  # fmt: skip
+    if input_tiles:  # the parts are the gathered windows already
+        batch = parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
+    else:
+        in_h, in_w = _window(tile_h, tile_w, stride, dilation, weight)
+        batch = gather_parts(gather_reference, parts, in_corners, in_h, in_w, scale, shift,
+                             activation, slope, num_active, pad_mode, upsample)  # fmt: skip
     y = F.conv2d(batch, weight, bias, tuple(stride), 0, tuple(dilation))
     scatter_reference(out, y.contiguous(), out_corners, residual, num_active)
+
+
+def _window(tile_h, tile_w, stride, dilation, weight) -> tuple[int, int]:
+    """The input window a ``tile_h x tile_w`` output tile reads."""
+    in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
+    in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
+    return in_h, in_w
 
 
 def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, int]:
@@ -242,40 +285,87 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
     return block_m, 64, block_k, 4, 3
 
 
+# Split-K: the fp32 workspace and arrival counters all split-K launches on a device share (they
+# run one after another on the engine's stream and leave both zero). Sized for the launches that
+# split: few output blocks (a few waves of SMs at most) of at most 64 x 64.
+SPLIT_K_BLOCKS = 2048
+SPLIT_K_BLOCK_ELEMS = 64 * 64
+SPLIT_K_MAX = 16
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 workspace, int32 counters) of ``device``, allocated zero once and never freed (a
+    captured CUDA graph keeps their addresses)."""
+    device = torch.device(device)
+    if device not in _WORKSPACES:
+        _WORKSPACES[device] = (
+            torch.zeros(SPLIT_K_BLOCKS * SPLIT_K_BLOCK_ELEMS, device=device, dtype=torch.float32),
+            torch.zeros(SPLIT_K_BLOCKS, device=device, dtype=torch.int32),
+        )
+    return _WORKSPACES[device]
+
+
+def split_k_for(programs: int, steps: int, block_elems: int, sms: int) -> int:
+    """How many programs share each output block's reduction (1 = no split): only where the
+    launch has fewer programs than half the SMs (few tiles, a long reduction); each slice keeps
+    at least 4 of the ``steps`` (tap, channel block) steps."""
+    if programs * 2 > sms or block_elems > SPLIT_K_BLOCK_ELEMS or programs > SPLIT_K_BLOCKS:
+        return 1
+    return max(1, min(SPLIT_K_MAX, steps // 4, sms // programs))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0  # the interpreter: no automatic split (tests ask for one explicitly)
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def tile_conv_triton(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True, pad_mode: str = "zeros", upsample: int = 1,
-    blocks: tuple[int, int, int, int, int] | None = None,
+    check_values=True, pad_mode: str = "zeros", upsample: int = 1, input_tiles: bool = False,
+    split_k: int = 0, blocks: tuple[int, int, int, int, int] | None = None,
 ) -> None:  # fmt: skip
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
+    ``split_k``: programs per output block's reduction, 0 = ``split_k_for``'s choice.
     ``blocks`` overrides ``block_config`` (tests use large blocks under the interpreter).
     """
     act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
                  dilation, scale, shift, activation, slope, residual, num_active,
-                 check_values, upsample)  # fmt: skip
+                 check_values, upsample, input_tiles, pad_mode)  # fmt: skip
     reject_float64("out", out)
     nb, co, ho, wo = out.shape
     m = in_corners.shape[0]
     x1 = parts[0]
     x2 = parts[1] if len(parts) > 1 else parts[0]
     c1, c2 = x1.shape[1], (parts[1].shape[1] if len(parts) > 1 else 0)
-    _, _, h, w = x1.shape
+    h, w = x1.shape[2:] if input_tiles else (x1.shape[2] * upsample, x1.shape[3] * upsample)
     rows = m * tile_h * tile_w  # per sample
     if rows == 0 or co == 0 or nb == 0:
         return
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
-    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn), nb)
+    grid_mn = triton.cdiv(rows, bm) * triton.cdiv(co, bn)
+    steps = weight.shape[2] * weight.shape[3] * (triton.cdiv(c1, bk) + triton.cdiv(c2, bk))
+    if split_k == 0:
+        split_k = split_k_for(grid_mn * nb, steps, bm * bn, _sm_count(out.device))
+    if split_k > 1 and (grid_mn * nb > SPLIT_K_BLOCKS or bm * bn > SPLIT_K_BLOCK_ELEMS):
+        raise ValueError(
+            f"split_k={split_k}: the launch has {grid_mn * nb} output blocks of {bm}x{bn}; the "
+            f"split-K workspace holds {SPLIT_K_BLOCKS} blocks of {SPLIT_K_BLOCK_ELEMS} values "
+            "(use split_k=1 or smaller blocks)"
+        )
+    ws, locks = split_k_workspace(out.device) if split_k > 1 else (in_corners, in_corners)
+    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn), nb * split_k)
     dummy = in_corners  # stands in for absent optional pointers (never read)
     launch(
         _tile_conv_kernel, grid,
         out, x1, x2, weight, bias if bias is not None else dummy,
         residual if residual is not None else dummy, in_corners.contiguous(),
         out_corners.contiguous(), num_active if num_active is not None else dummy,
-        scale if scale is not None else dummy, shift if shift is not None else dummy,
-        m, c1, c2, h * upsample, w * upsample, co, ho, wo, tile_h, tile_w, weight.shape[2],
-        weight.shape[3],
+        scale if scale is not None else dummy, shift if shift is not None else dummy, ws, locks,
+        m, c1, c2, h, w, co, ho, wo, tile_h, tile_w, weight.shape[2], weight.shape[3],
         stride[0], stride[1], dilation[0], dilation[1],
         *out.stride(), *x1.stride(), *x2.stride(), *weight.stride(),
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
@@ -285,7 +375,7 @@ def tile_conv_triton(
         HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, ACT=act, IEEE=out.dtype == torch.float32,
-        PAD_MODE=check_pad_mode(pad_mode), UP=upsample,
+        PAD_MODE=check_pad_mode(pad_mode), UP=upsample, TILED_IN=input_tiles, SPLIT=split_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -293,6 +383,7 @@ def tile_conv_triton(
 def _check(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale, shift, activation, slope, residual, num_active, check_values=True, upsample=1,
+    input_tiles=False, pad_mode="zeros",
 ) -> int:  # fmt: skip
     check_tensor("out", out, rank=4)
     check_tile_size(tile_h, tile_w)
@@ -300,9 +391,12 @@ def _check(
     if not isinstance(parts, list | tuple) or not 1 <= len(parts) <= 2:
         raise ValueError("parts: expected a list of one or two input maps (a channel concat)")
     nb = out.shape[0]
+    if input_tiles:
+        _check_tile_batches(parts, out, weight, in_corners, tile_h, tile_w, stride, dilation,
+                            scale, shift, activation, upsample, pad_mode)  # fmt: skip
     for i, part in enumerate(parts):
         check_tensor(f"parts[{i}]", part, rank=4, dtypes=(out.dtype,), device=out.device)
-        if part.shape[0] != nb or part.shape[2:] != parts[0].shape[2:]:
+        if not input_tiles and (part.shape[0] != nb or part.shape[2:] != parts[0].shape[2:]):
             raise ValueError(
                 f"parts[{i}]: expected [N={nb}, C, H, W] with the H, W of parts[0], "
                 f"got {tuple(part.shape)}"
@@ -321,11 +415,11 @@ def _check(
     for name, pair in (("stride", stride), ("dilation", dilation)):
         if len(pair) != 2 or any(int(v) < 1 for v in pair):
             raise ValueError(f"{name}: expected two positive ints, got {pair!r}")
-    h, w = (int(v) * upsample for v in parts[0].shape[2:])
-    in_h = (tile_h - 1) * stride[0] + dilation[0] * (weight.shape[2] - 1) + 1
-    in_w = (tile_w - 1) * stride[1] + dilation[1] * (weight.shape[3] - 1) + 1
-    check_corners(in_corners, num_active, height=h, width=w, tile_h=in_h, tile_w=in_w,
-                  device=out.device, values=check_values)  # fmt: skip
+    in_h, in_w = _window(tile_h, tile_w, stride, dilation, weight)
+    if not input_tiles:  # a tile batch's windows are not read through the corners
+        h, w = (int(v) * upsample for v in parts[0].shape[2:])
+        check_corners(in_corners, num_active, height=h, width=w, tile_h=in_h, tile_w=in_w,
+                      device=out.device, values=check_values)  # fmt: skip
     check_corners(out_corners, num_active, height=out.shape[2], width=out.shape[3],
                   tile_h=tile_h, tile_w=tile_w, device=out.device, values=check_values)  # fmt: skip
     if in_corners.shape != out_corners.shape:
@@ -351,6 +445,29 @@ def _check(
     return check_activation(activation, slope)
 
 
+def _check_tile_batches(parts, out, weight, in_corners, tile_h, tile_w, stride, dilation,
+                        scale, shift, activation, upsample, pad_mode) -> None:  # fmt: skip
+    """``input_tiles``: the parts are ``gather``'s windows ``[N*M, C_k, in_h, in_w]``, their
+    prologue, padding and upsampling already applied."""
+    if scale is not None or shift is not None or activation != "identity":
+        raise ValueError("input_tiles: the prologue belongs to the gather that built the tiles; "
+                         "pass scale=shift=None and activation='identity'")  # fmt: skip
+    if upsample != 1 or pad_mode != "zeros":
+        raise ValueError("input_tiles: upsampling and folded pads belong to the gather; pass "
+                         "upsample=1 and pad_mode='zeros'")  # fmt: skip
+    window = (out.shape[0] * in_corners.shape[0], *_window(tile_h, tile_w, stride, dilation,
+                                                           weight))  # fmt: skip
+    for i, part in enumerate(parts):
+        if not isinstance(part, torch.Tensor) or part.dim() != 4:
+            continue  # check_tensor names it
+        if (part.shape[0], *part.shape[2:]) != window:
+            raise ValueError(
+                f"parts[{i}]: expected a tile batch [N*M={window[0]}, C, {window[1]}, "
+                f"{window[2]}] (the windows of {tile_h}x{tile_w} output tiles), got "
+                f"{tuple(part.shape)}"
+            )
+
+
 @torch.library.custom_op("sigec::tile_conv", mutates_args=("out",))
 def tile_conv(
     out: torch.Tensor,
@@ -372,6 +489,8 @@ def tile_conv(
     check_values: bool = True,
     pad_mode: str = "zeros",
     upsample: int = 1,
+    input_tiles: bool = False,
+    split_k: int = 0,
 ) -> None:
     """Conv on the active tiles, written into ``out`` in place (see the module docstring).
 
@@ -389,24 +508,31 @@ def tile_conv(
         pad_mode: what reads outside the input map give: "zeros", or the pixel of a folded
             "reflect" / "replicate" pad.
         upsample: read the parts as their nearest upsampling by this integer factor.
+        input_tiles: the parts are ``gather``'s tile batches ``[N*M, C_k, in_h, in_w]`` of the
+            input windows (their prologue applied there), not maps; ``in_corners`` is not read.
+        split_k: programs sharing each output block's reduction on CUDA (0: chosen from the
+            launch's size, ``split_k_for``); the result does not depend on it beyond fp32
+            summation order.
     """
     args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
             scale, shift, activation, slope, residual, num_active)  # fmt: skip
     check_pad_mode(pad_mode)
+    if split_k < 0:
+        raise ValueError(f"split_k: expected 0 (automatic) or a positive count, got {split_k}")
     if out.is_cuda:
-        tile_conv_triton(*args, check_values, pad_mode, upsample)
+        tile_conv_triton(*args, check_values, pad_mode, upsample, input_tiles, split_k)
         return
-    _check(*args, check_values, upsample)
-    tile_conv_reference(*args, pad_mode=pad_mode, upsample=upsample)
+    _check(*args, check_values, upsample, input_tiles, pad_mode)
+    tile_conv_reference(*args, pad_mode=pad_mode, upsample=upsample, input_tiles=input_tiles)
 
 
 @tile_conv.register_fake
 def _tile_conv_fake(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
-    check_values=True, pad_mode="zeros", upsample=1,
+    check_values=True, pad_mode="zeros", upsample=1, input_tiles=False, split_k=0,
 ):  # fmt: skip
     _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
            scale, shift, activation, slope, residual, num_active, check_values,
-           upsample)  # fmt: skip
+           upsample, input_tiles, pad_mode)  # fmt: skip
     check_pad_mode(pad_mode)

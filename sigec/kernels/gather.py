@@ -332,12 +332,14 @@ def _gather_fake(
 def gather_parts(gather_fn, parts: list[torch.Tensor], corners: torch.Tensor, tile_h: int,
                  tile_w: int, scale: torch.Tensor | None, shift: torch.Tensor | None,
                  activation: str, slope: float, num_active: torch.Tensor | None,
-                 pad_mode: str = "zeros", upsample: int = 1) -> torch.Tensor:  # fmt: skip
+                 pad_mode: str = "zeros", upsample: int = 1,
+                 concat: bool = True) -> torch.Tensor | list[torch.Tensor]:  # fmt: skip
     """The tile batch of the channel concatenation of ``parts`` (which is never built): each part
     gathered with its channels' slice of the folded norm's ``scale`` / ``shift``, the batches
     concatenated. ``gather_fn`` is ``gather`` (the runtime's cuDNN conv path) or
     ``gather_reference`` (the conv reference): one definition of the per-part gather for both.
-    ``upsample``: every part is read as its nearest upsampling by this factor."""
+    ``upsample``: every part is read as its nearest upsampling by this factor. ``concat=False``
+    returns the per-part batches (for a conv that reads them as parts)."""
     batches, offset = [], 0
     for part in parts:
         c = part.shape[1]
@@ -347,4 +349,6 @@ def gather_parts(gather_fn, parts: list[torch.Tensor], corners: torch.Tensor, ti
                                  num_active, check_values=False, pad_mode=pad_mode,
                                  upsample=upsample))  # fmt: skip
         offset += c
+    if not concat:
+        return batches
     return batches[0] if len(batches) == 1 else torch.cat(batches, dim=1)

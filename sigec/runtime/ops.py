@@ -129,12 +129,22 @@ def sparse_conv2d(
             f"{name}: input dtype {parts[0].dtype} differs from the weights' {weight.dtype}; "
             "compile the model in the dtype you run it in"
         )
-    fused = _use_fused(kernel, scale, shift, act, weight) and groups == 1 and len(parts) <= 2
-    if fused and transposed is None:
+    path = conv_path(kernel, scale, shift, act, weight, groups, len(parts), transposed)
+    if path == "fused":
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
                   ts.num_active, check_values=False, pad_mode=pad_mode,
                   upsample=upsample)  # fmt: skip
+        state.note_written(name, ts)
+        return out
+    if path == "tiles":  # the prologue once per window (gather), the rest in one launch
+        windows = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act,
+                               slope, ts.num_active, pad_mode, upsample, concat=False)  # fmt: skip
+        if len(windows) > 2:
+            windows = [torch.cat(windows, dim=1)]
+        tile_conv(out, windows, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
+                  list(stride), list(dilation), None, None, "identity", slope, residual,
+                  ts.num_active, check_values=False, input_tiles=True)  # fmt: skip
         state.note_written(name, ts)
         return out
     batch = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act, slope,
@@ -154,17 +164,25 @@ def sparse_conv2d(
 FUSED_MAX_K = 2048  # "auto": longest reduction (C_in * kh * kw) the fused kernel takes
 
 
-def _use_fused(kernel: str, scale, shift, act: str, weight: torch.Tensor) -> bool:
-    """Whether a sparse conv runs as the fused Triton kernel (``SparseConfig.conv_kernel``).
+def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups: int,
+              num_parts: int, transposed) -> str:  # fmt: skip
+    """How a sparse conv runs on the GPU (``SparseConfig.conv_kernel``): "fused" (one
+    ``tile_conv`` launch, prologue applied per tap), "tiles" (gather with the prologue, then
+    ``tile_conv`` on the gathered windows: the prologue once per input pixel) or "cudnn"
+    (gather -> cuDNN on the tile batch -> scatter). Transposed and grouped convs always take
+    cuDNN; "fused" takes at most two concatenated inputs.
 
-    "auto" follows ``benchmarks/conv_kernels.py`` (H100, docs/results.md): the fused kernel wins
-    for convs without a norm/activation prologue and a short reduction; with a prologue (which it
-    recomputes for every tap) or a long reduction over few tiles (no split-K) cuDNN wins.
+    "auto" follows ``benchmarks/conv_kernels.py`` (docs/results.md): the fused kernel for convs
+    without a norm/activation prologue and a short reduction, cuDNN for the others.
     """
-    if kernel != "auto":
-        return kernel == "fused"
+    if transposed is not None or groups != 1:
+        return "cudnn"
     plain = scale is None and shift is None and act == "identity"
-    return plain and weight[0].numel() <= FUSED_MAX_K
+    if kernel == "auto":
+        kernel = "fused" if plain and weight[0].numel() <= FUSED_MAX_K else "cudnn"
+    if kernel == "fused" and num_parts > 2:
+        return "tiles"  # the windows of the parts concatenated, one input of the fused kernel
+    return kernel
 
 
 TILES = "tiles"  # a ``tile_op`` flag: the operand already is this tile list's tile batch

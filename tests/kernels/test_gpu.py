@@ -6,10 +6,12 @@ import torch.nn.functional as F
 
 from sigec.kernels import (
     ACTIVATIONS,
+    gather,
     gather_reference,
     restore_reference,
     scatter_reference,
     tile_conv_reference,
+    tile_conv_triton,
 )
 from sigec.runtime.masks import active_tiles, blob_mask
 from tests.kernels.cases import TILE_CASES, corners_tensor
@@ -146,6 +148,65 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, a
         torch.cuda.set_sync_debug_mode(0)
     tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("split", [1, 4, 0], ids=["no-split", "split-4", "auto"])
+@pytest.mark.parametrize("input_tiles", [False, True], ids=["map", "tiles"])
+def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(split, input_tiles):
+    """A long reduction over few tiles (the split-K case: 320 + 320 channels, 3x3), read from
+    the map with the prologue in the kernel or from gather's windows with the prologue applied
+    there; captured in a CUDA graph and replayed three times with new tiles each time: every
+    replay equals the reference (the shared split-K workspace is left zero after each)."""
+    from sigec.kernels import gather_parts
+    from sigec.kernels.conv import split_k_workspace
+
+    torch.manual_seed(11)
+    cl, dt = torch.channels_last, torch.float16
+    parts = [torch.randn(2, 320, 32, 32, device="cuda", dtype=dt).contiguous(memory_format=cl)
+             for _ in range(2)]  # fmt: skip
+    weight = (torch.randn(320, 640, 3, 3, device="cuda", dtype=dt) / 80).contiguous(
+        memory_format=cl)  # fmt: skip
+    bias = torch.randn(320, device="cuda", dtype=dt)
+    scale = torch.rand(2, 640, device="cuda") + 0.5
+    shift = torch.randn(2, 640, device="cuda")
+    residual = torch.randn(2, 320, 32, 32, device="cuda", dtype=dt).contiguous(memory_format=cl)
+    tiles = active_tiles(blob_mask(32, 32, 0.05, seed=0), 3, 1, 1, 6, capacity=16)
+    in_c, out_c, count = (tiles.in_corners.cuda(), tiles.out_corners.cuda(),
+                          tiles.num_active.cuda())  # fmt: skip
+    out = torch.zeros(2, 320, 32, 32, device="cuda", dtype=dt).contiguous(memory_format=cl)
+
+    def run():
+        if input_tiles:
+            windows = gather_parts(gather, parts, in_c, 8, 8, scale, shift, "silu", 0.01, count,
+                                   concat=False)  # fmt: skip
+            tile_conv_triton(out, windows, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
+                             residual=residual, num_active=count, check_values=False,
+                             input_tiles=True, split_k=split)  # fmt: skip
+        else:
+            tile_conv_triton(out, parts, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
+                             scale, shift, "silu", 0.01, residual, count, check_values=False,
+                             split_k=split)  # fmt: skip
+
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in (1, 2, 3):
+        new = active_tiles(blob_mask(32, 32, 0.02 * seed, seed=seed), 3, 1, 1, 6, capacity=16)
+        in_c.copy_(new.in_corners.cuda())
+        out_c.copy_(new.out_corners.cuda())
+        count.copy_(new.num_active.cuda())
+        out.zero_()
+        graph.replay()
+        want = torch.zeros(2, 320, 32, 32)
+        tile_conv_reference(want, [p.float().cpu() for p in parts], weight.float().cpu(),
+                            bias.float().cpu(), new.in_corners, new.out_corners, 6, 6, [1, 1],
+                            [1, 1], scale.cpu(), shift.cpu(), "silu", 0.01,
+                            residual.float().cpu(), new.num_active)  # fmt: skip
+        torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
+    ws, locks = split_k_workspace(out.device)
+    assert not ws.any() and not locks.any()
 
 
 def test_restore_batch_on_cuda_in_a_graph():

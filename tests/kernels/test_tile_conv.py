@@ -212,3 +212,109 @@ def test_upsampled_input_equals_the_conv_of_the_upsampled_map(factor, mode):
         assert written[mask].all()
         torch.testing.assert_close(out[:, :, written], dense[:, :, written], rtol=1e-5,
                                    atol=1e-5)  # fmt: skip
+
+
+def _windows(parts, ts, k, stride, dilation, scale, shift, act, count=None):
+    """The gathered input windows of every part (what the runtime's gather hands the conv)."""
+    from sigec.kernels import gather_parts, gather_reference
+
+    in_h = (ts.out_tile[0] - 1) * stride + dilation * (k - 1) + 1
+    in_w = (ts.out_tile[1] - 1) * stride + dilation * (k - 1) + 1
+    out, off = [], 0
+    for p in parts:
+        c = p.shape[1]
+        out.append(gather_parts(gather_reference, [p], ts.in_corners, in_h, in_w,
+                                None if scale is None else scale[:, off:off + c],
+                                None if shift is None else shift[:, off:off + c], act, 0.01,
+                                count))  # fmt: skip
+        off += c
+    return out
+
+
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 1, 1)],
+                         ids=["3x3", "3x3-stride2", "3x3-dilated", "1x1"])  # fmt: skip
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_conv_on_gathered_tiles_equals_the_fused_prologue(k, stride, dilation, dtype, atol):
+    """``input_tiles=True``: the parts are gather's windows with the norm + SiLU prologue
+    applied once; the conv on them (two parts, residual, capacity rows) equals the conv that
+    applies the prologue itself, for the reference and the Triton kernel."""
+    pad = dilation * (k - 1) // 2
+    x, weight, bias, ts, shape, _ = _setup(cin=7, cout=5, k=k, stride=stride, padding=pad,
+                                           dilation=dilation, dtype=dtype, seed=8)  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
+    weight = torch.cat([weight, torch.randn(5, 4, k, k, generator=g).to(dtype) / 6], dim=1)
+    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
+    shift = torch.randn(x.shape[0], 11, generator=g)
+    residual = torch.randn(shape, generator=g).to(dtype)
+    m = ts.out_corners.shape[0]
+    filler = torch.tensor([[-100, -100]] * 2, dtype=torch.int32)
+    in_c, out_c = torch.cat([ts.in_corners, filler]), torch.cat([ts.out_corners, filler])
+    count = torch.tensor([m], dtype=torch.int32)
+    geo = (weight, bias, in_c, out_c, *ts.out_tile, [stride] * 2, [dilation] * 2)
+    want = torch.zeros(shape, dtype=dtype)
+    tile_conv_reference(want, [x, x2], *geo, scale, shift, "silu", 0.01, residual, count)
+
+    class _Tiles:  # the tile set with the capacity rows
+        in_corners, out_tile = in_c, ts.out_tile
+
+    windows = _windows([x, x2], _Tiles, k, stride, dilation, scale, shift, "silu", count)
+    assert windows[0].shape[0] == x.shape[0] * (m + 2)
+    for impl, extra in ((tile_conv_reference, {}), (tile_conv_triton, {"blocks": BIG})):
+        got = torch.zeros(shape, dtype=dtype)
+        impl(got, windows, *geo, None, None, "identity", 0.01, residual, count,
+             input_tiles=True, **extra)  # fmt: skip
+        torch.testing.assert_close(got.float(), want.float(), rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+@pytest.mark.parametrize("input_tiles", [False, True], ids=["map", "tiles"])
+def test_split_k_equals_one_program_per_block(split, input_tiles):
+    """Split-K: the reduction spread over ``split`` programs per output block (two parts, so
+    the second part's steps continue the first's) gives the unsplit result, and leaves the
+    shared workspace and counters zero for the next launch."""
+    from sigec.kernels.conv import split_k_workspace
+
+    x, weight, bias, ts, shape, _ = _setup(cin=6, cout=5, seed=9)
+    g = torch.Generator().manual_seed(4)
+    x2 = torch.randn(x.shape[0], 3, *x.shape[2:], generator=g)
+    weight = torch.cat([weight, torch.randn(5, 3, 3, 3, generator=g) / 6], dim=1)
+    residual = torch.randn(shape, generator=g)
+    geo = (weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile, [1, 1], [1, 1])
+    parts = _windows([x, x2], ts, 3, 1, 1, None, None, "identity") if input_tiles else [x, x2]
+    blocks = (32, 8, 2, 4, 1)  # 2-channel steps: 9 taps x (3 + 2) channel blocks = 45 steps
+    want = torch.full(shape, 3.0)
+    tile_conv_reference(want, [x, x2], *geo, residual=residual)
+    got = torch.full(shape, 3.0)
+    tile_conv_triton(got, parts, *geo, residual=residual, input_tiles=input_tiles,
+                     split_k=split, blocks=blocks)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ws, locks = split_k_workspace(got.device)
+    assert not ws.any() and not locks.any()
+
+
+def test_split_k_choice():
+    """Automatic split-K only for launches far smaller than the GPU, never more than the
+    reduction's steps allow, and never past the workspace."""
+    from sigec.kernels.conv import SPLIT_K_BLOCKS, split_k_for
+
+    assert split_k_for(programs=200, steps=72, block_elems=2048, sms=132) == 1  # fills the GPU
+    assert split_k_for(programs=8, steps=72, block_elems=2048, sms=132) == 16  # 18 slices cap
+    assert split_k_for(programs=8, steps=12, block_elems=2048, sms=132) == 3  # >= 4 steps each
+    assert split_k_for(programs=40, steps=72, block_elems=2048, sms=132) == 3
+    assert split_k_for(programs=8, steps=72, block_elems=128 * 64, sms=132) == 1
+    assert split_k_for(programs=SPLIT_K_BLOCKS + 1, steps=72, block_elems=64, sms=10**6) == 1
+
+
+def test_input_tiles_misuse_is_a_typed_error():
+    x, weight, bias, ts, shape, _ = _setup(seed=7)
+    windows = _windows([x], ts, 3, 1, 1, None, None, "identity")
+    base = dict(out=torch.zeros(shape), weight=weight, bias=bias, in_corners=ts.in_corners,
+                out_corners=ts.out_corners, tile_h=ts.out_tile[0], tile_w=ts.out_tile[1],
+                stride=[1, 1], dilation=[1, 1], input_tiles=True)  # fmt: skip
+    with pytest.raises(ValueError, match="expected a tile batch"):
+        tile_conv(parts=[x], **base)  # a map where windows belong
+    with pytest.raises(ValueError, match="prologue belongs to the gather"):
+        tile_conv(parts=windows, activation="silu", **base)
+    with pytest.raises(ValueError, match="split_k"):
+        tile_conv(parts=windows, split_k=-1, **base)
