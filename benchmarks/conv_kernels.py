@@ -9,8 +9,8 @@ captured in a CUDA graph (10 calls) and its replay timed (median of 20, per call
 runtime's cuDNN path (gather with the folded GroupNorm + SiLU prologue per input part, ``cat``,
 ``F.conv2d`` on the tile batch, scatter with the residual), "fused" is ``tile_conv`` with the
 launch heuristic's blocks (the prologue applied per tap), "tiles" is gather with the prologue ->
-``tile_conv(input_tiles=True)`` on the gathered windows; both without split-K and with the
-automatic split-K (``*_splitk``, the split it chose in ``split_k``). Unless ``--no-search``,
+``tile_conv(input_tiles=True)`` on the gathered windows (``split_k``: the split-K the kernel
+would choose; split-K is refused on CUDA for now, docs/kernels.md). Unless ``--no-search``,
 every entry of ``CONFIGS`` is tried to find the best blocks of "fused" for the shape. fp16,
 channels-last maps and weights. Never run by the tests.
 """
@@ -134,9 +134,7 @@ def run_shape(shape, fractions, search: bool = True) -> list[dict]:
                "fraction": fraction, "tiles": count, "capacity": cap}  # fmt: skip
         row["cudnn_ms"] = round(graph_ms(cudnn), 4)
         row["fused_ms"] = round(graph_ms(fused()), 4)
-        row["fused_splitk_ms"] = round(graph_ms(fused(split=0)), 4)
         row["tiles_ms"] = round(graph_ms(tiles()), 4)
-        row["tiles_splitk_ms"] = round(graph_ms(tiles(split=0)), 4)
         bm, bn, bk, _, _ = blocks = block_config(cin, co, cap * ts.out_tile[0] ** 2)
         row["fused_blocks"] = list(blocks)
         programs = -(-cap * ts.out_tile[0] * ts.out_tile[1] // bm) * -(-co // bn) * n

@@ -150,15 +150,14 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, a
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("split", [1, 4, 0], ids=["no-split", "split-4", "auto"])
 @pytest.mark.parametrize("input_tiles", [False, True], ids=["map", "tiles"])
-def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(split, input_tiles):
-    """A long reduction over few tiles (the split-K case: 320 + 320 channels, 3x3), read from
-    the map with the prologue in the kernel or from gather's windows with the prologue applied
-    there; captured in a CUDA graph and replayed three times with new tiles each time: every
-    replay equals the reference (the shared split-K workspace is left zero after each)."""
+def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles):
+    """A long reduction over few tiles (320 + 320 channels, 3x3), read from the map with the
+    prologue in the kernel or from gather's windows with the prologue applied there; captured
+    in a CUDA graph and replayed three times with new tiles each time: every replay equals the
+    reference. Split-K is refused on CUDA (it failed this test with split_k=4 on an H200)."""
+    split = 1
     from sigec.kernels import gather_parts
-    from sigec.kernels.conv import split_k_workspace
 
     torch.manual_seed(11)
     cl, dt = torch.channels_last, torch.float16
@@ -205,8 +204,9 @@ def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(split, input_tiles
                             [1, 1], scale.cpu(), shift.cpu(), "silu", 0.01,
                             residual.float().cpu(), new.num_active)  # fmt: skip
         torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
-    ws, locks = split_k_workspace(out.device)
-    assert not ws.any() and not locks.any()
+    with pytest.raises(NotImplementedError, match="split-K gave wrong results"):
+        tile_conv_triton(out, parts, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
+                         split_k=4)  # fmt: skip
 
 
 def test_restore_batch_on_cuda_in_a_graph():
