@@ -9,10 +9,11 @@ captured in a CUDA graph (10 calls) and its replay timed (median of 20, per call
 runtime's cuDNN path (gather with the folded GroupNorm + SiLU prologue per input part, ``cat``,
 ``F.conv2d`` on the tile batch, scatter with the residual), "fused" is ``tile_conv`` with the
 launch heuristic's blocks (the prologue applied per tap), "tiles" is gather with the prologue ->
-``tile_conv(input_tiles=True)`` on the gathered windows (``split_k``: the split-K the kernel
-would choose; split-K is refused on CUDA for now, docs/kernels.md). Unless ``--no-search``,
-every entry of ``CONFIGS`` is tried to find the best blocks of "fused" for the shape. fp16,
-channels-last maps and weights. Never run by the tests.
+``tile_conv(input_tiles=True)`` on the gathered windows; where the split-K heuristic splits
+the reduction (``split_k`` > 1), "fused_split" and "tiles_split" are the two with it, and
+``--splits`` times "tiles" with each given split factor. Unless ``--no-search``, every entry
+of ``CONFIGS`` is tried to find the best blocks of "fused" for the shape. fp16, channels-last
+maps and weights. Never run by the tests.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def graph_ms(fn, calls: int = 10, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_shape(shape, fractions, search: bool = True) -> list[dict]:
+def run_shape(shape, fractions, search: bool = True, splits=()) -> list[dict]:
     model, n, parts_c, co, k, stride, res, prologue, residual = shape
     dev, dt, cl = "cuda", torch.float16, torch.channels_last
     cin = sum(parts_c)
@@ -139,7 +140,14 @@ def run_shape(shape, fractions, search: bool = True) -> list[dict]:
         row["fused_blocks"] = list(blocks)
         programs = -(-cap * ts.out_tile[0] * ts.out_tile[1] // bm) * -(-co // bn) * n
         steps = k * k * sum(-(-c // bk) for c in parts_c)
-        row["split_k"] = split_k_for(programs, steps, bm * bn, _sm_count(out.device))
+        row["split_k"] = split = split_k_for(programs, steps, bm * bn, _sm_count(out.device))
+        if split > 1:
+            row["fused_split_ms"] = round(graph_ms(fused(split=split)), 4)
+            row["tiles_split_ms"] = round(graph_ms(tiles(split=split)), 4)
+        if splits:
+            row["programs"], row["steps"] = programs, steps
+            row["tiles_splits_ms"] = {s: round(graph_ms(tiles(split=s)), 4) for s in splits
+                                      if s <= steps}  # fmt: skip
         if not search:
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -162,12 +170,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     p.add_argument("--no-search", action="store_true", help="skip the block search")
+    p.add_argument(
+        "--splits",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the tiles path with each of these split-K factors",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/conv_kernels.json"))
     args = p.parse_args()
     rows = []
     with torch.no_grad():
         for shape in SHAPES:
-            rows += run_shape(shape, args.fractions, search=not args.no_search)
+            rows += run_shape(shape, args.fractions, search=not args.no_search, splits=args.splits)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

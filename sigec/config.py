@@ -72,11 +72,11 @@ class SparseConfig:
             tiles into the map; "tiles": gather (with the norm and activation, once per input
             pixel) -> the same kernel on the gathered windows (bias, residual and the write in
             its epilogue); "cudnn": gather -> cuDNN conv on the tile batch -> scatter;
-            "auto" (default): fused for convs without a norm/activation prologue, cuDNN for the
-            others (measured per layer shape on an H100: the fused kernel is 1.4-3.5x faster
-            without a prologue and 1.5-7x slower with one, which it recomputes for every tap;
-            docs/results.md). Convs with groups > 1 or more than two concatenated inputs always
-            take the cuDNN path. On the CPU all run the same PyTorch reference.
+            "auto" (default): fused for convs without a norm/activation prologue and a short
+            reduction, "tiles" for the others with at most 320 output channels, cuDNN for the
+            rest (measured per layer shape on an H200 with split-K for small launches,
+            ``runtime.ops.conv_path``, docs/results.md). Convs with groups > 1 or transposed
+            always take the cuDNN path. On the CPU all run the same PyTorch reference.
         dense_regions: how the edit graph's dense parts (runs of plain ATen ops: resolutions below
             ``sparse_min_resolution``, global ops, fallbacks) run on CUDA: "inductor" (each run
             compiled once, on the first edit: fused norms and pointwise ops, no layout

@@ -617,13 +617,15 @@ def test_bad_config_values_are_refused_with_the_choices(field, value, words):
 
 
 def test_auto_conv_kernel_follows_the_measured_rule():
-    """conv_kernel="auto": fused without a prologue and with a short reduction, else cuDNN
-    (docs/results.md, per-shape measurement); "fused" / "tiles" / "cudnn" force one, except
-    where a path cannot run the conv (transposed, grouped, more than two fused inputs)."""
-    from sigec.runtime.ops import FUSED_MAX_K, conv_path
+    """conv_kernel="auto": fused without a prologue and with a short reduction, the conv on
+    gathered windows for the others up to 320 output channels, else cuDNN (docs/results.md,
+    per-shape measurement); "fused" / "tiles" / "cudnn" force one, except where a path cannot
+    run the conv (transposed, grouped, more than two fused inputs)."""
+    from sigec.runtime.ops import FUSED_MAX_K, TILES_MAX_COUT, conv_path
 
     short = torch.empty(8, 128, 3, 3)  # C_in * 9 = 1152
     long = torch.empty(8, 1280, 3, 3)  # 11520
+    wide = torch.empty(TILES_MAX_COUT + 1, 128, 3, 3)
     assert short[0].numel() <= FUSED_MAX_K < long[0].numel()
     scale = torch.ones(1, 128)
 
@@ -631,15 +633,18 @@ def test_auto_conv_kernel_follows_the_measured_rule():
         return conv_path(kernel, sc, sh, act, w, groups, parts, transposed)
 
     assert path("auto", None, None, "identity", short) == "fused"
-    assert path("auto", scale, scale, "silu", short) == "cudnn"  # a prologue: cuDNN
-    assert path("auto", None, None, "silu", short) == "cudnn"
-    assert path("auto", None, None, "identity", long) == "cudnn"  # long reduction: cuDNN
+    assert path("auto", scale, scale, "silu", short) == "tiles"  # a prologue: on the windows
+    assert path("auto", None, None, "silu", short) == "tiles"
+    assert path("auto", None, None, "identity", long) == "tiles"  # long reduction
+    assert path("auto", scale, scale, "silu", wide) == "cudnn"  # many output channels
+    assert path("auto", None, None, "identity", wide[:, :, :1, :1]) == "fused"
     assert path("fused", scale, scale, "silu", long) == "fused"
     assert path("fused", scale, scale, "silu", long, parts=3) == "tiles"
     assert path("tiles", scale, scale, "silu", short) == "tiles"
     assert path("cudnn", None, None, "identity", short) == "cudnn"
     assert path("tiles", None, None, "identity", short, groups=2) == "cudnn"
     assert path("fused", None, None, "identity", short, transposed=(1, 1, 0, 0)) == "cudnn"
+    assert path("auto", scale, scale, "silu", short, transposed=(1, 1, 0, 0)) == "cudnn"
 
 
 def test_a_nan_painted_in_is_edited_and_a_recorded_nan_repaired():

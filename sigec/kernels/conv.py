@@ -213,8 +213,15 @@ def _tile_conv_kernel(
         arrived = tl.atomic_add(lock_ptr + block, 1)  # acq_rel: orders the partials
         if arrived != SPLIT - 1:
             return
-        acc = tl.load(ws, cache_modifier=".cg")  # from L2, where the atomics summed
-        tl.store(ws, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32))
+        # read the sum and leave zeros in one atomic (at L2, where the adds landed): plain
+        # loads of it, even .cg or volatile, missed partials on an H200; as int32 bits because
+        # the interpreter exchanges integers only; relaxed: the counter's acquire orders it
+        bits = tl.atomic_xchg(
+            ws.to(tl.pointer_type(tl.int32)),
+            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
+            sem="relaxed",
+        )
+        acc = bits.to(tl.float32, bitcast=True)
         tl.atomic_xchg(lock_ptr + block, 0)
 
     # -- epilogue: bias, residual, write into the map (only pixels inside it)
@@ -307,12 +314,17 @@ def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def split_k_for(programs: int, steps: int, block_elems: int, sms: int) -> int:
-    """How many programs share each output block's reduction (1 = no split): only where the
-    launch has fewer programs than half the SMs (few tiles, a long reduction); each slice keeps
-    at least 4 of the ``steps`` (tap, channel block) steps."""
-    if programs * 2 > sms or block_elems > SPLIT_K_BLOCK_ELEMS or programs > SPLIT_K_BLOCKS:
+    """How many programs share each output block's reduction (1 = no split).
+
+    From ``benchmarks/conv_kernels.py --splits`` on an H200 (docs/results.md): a split pays where
+    the launch has fewer programs than SMs and the reduction has at least 12 (tap, channel
+    block) steps; about sqrt(steps) slices was within 10 % of the best factor on every DDPM and
+    SD shape, and the split launch keeps to at most 8 programs per SM."""
+    if programs >= sms or steps < 12 or block_elems > SPLIT_K_BLOCK_ELEMS:
         return 1
-    return max(1, min(SPLIT_K_MAX, steps // 4, sms // programs))
+    if programs > SPLIT_K_BLOCKS:
+        return 1
+    return max(1, min(SPLIT_K_MAX, round(steps**0.5), 8 * sms // programs))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -329,10 +341,8 @@ def tile_conv_triton(
 ) -> None:  # fmt: skip
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    ``split_k``: programs per output block's reduction, 0 = ``split_k_for``'s choice. Only
-    under the CPU interpreter for now: on an H200 the split-K result was wrong (GPU test
-    ``test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda``, 2026-12-04; suspected: the
-    arrival counter's ordering), so CUDA launches refuse ``split_k != 1``.
+    ``split_k``: programs per output block's reduction, 0 = ``split_k_for``'s choice (the
+    interpreter has no SM count: 0 means no split there).
     ``blocks`` overrides ``block_config`` (tests use large blocks under the interpreter).
     """
     act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
@@ -351,11 +361,6 @@ def tile_conv_triton(
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
     grid_mn = triton.cdiv(rows, bm) * triton.cdiv(co, bn)
     steps = weight.shape[2] * weight.shape[3] * (triton.cdiv(c1, bk) + triton.cdiv(c2, bk))
-    if split_k != 1 and out.is_cuda:
-        raise NotImplementedError(
-            f"split_k={split_k}: split-K gave wrong results on the GPU and is disabled there; "
-            "use split_k=1 (docs/kernels.md)"
-        )
     if split_k == 0:
         split_k = split_k_for(grid_mn * nb, steps, bm * bn, _sm_count(out.device))
     if split_k > 1 and (grid_mn * nb > SPLIT_K_BLOCKS or bm * bn > SPLIT_K_BLOCK_ELEMS):
@@ -520,7 +525,7 @@ def tile_conv(
             input windows (their prologue applied there), not maps; ``in_corners`` is not read.
         split_k: programs sharing each output block's reduction (0: chosen from the launch's
             size, ``split_k_for``); the result does not depend on it beyond fp32 summation
-            order. CPU interpreter only for now (see ``tile_conv_triton``).
+            order.
     """
     args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
             scale, shift, activation, slope, residual, num_active)  # fmt: skip

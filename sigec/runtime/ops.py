@@ -114,8 +114,9 @@ def sparse_conv2d(
     reflection / replicate pad puts there. ``x`` may be a list of maps: their channel
     concatenation, which is then only ever built tile by tile. ``kernel`` is
     ``SparseConfig.conv_kernel``: "fused" runs all of it as one ``tile_conv`` launch (Triton
-    implicit GEMM; groups = 1 and at most two concatenated inputs, else the cuDNN path), "auto"
-    does so for convs without a prologue. ``transposed`` (a transposed conv): ``(pad_h, pad_w,
+    implicit GEMM; groups = 1 and at most two concatenated inputs, else the cuDNN path),
+    "tiles" gathers the windows with the prologue and runs the rest as one ``tile_conv``, "auto"
+    picks per conv (``conv_path``). ``transposed`` (a transposed conv): ``(pad_h, pad_w,
     off_h, off_w)``: each gathered input window's transposed conv with that padding holds the
     output tile at that offset (``program.transposed_window`` / ``transposed_crop``: cuDNN
     computes little past the tile); always the cuDNN path. ``upsample`` (``convs.fold_upsamples``):
@@ -133,8 +134,8 @@ def sparse_conv2d(
     if path == "fused":
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
-                  ts.num_active, check_values=False, pad_mode=pad_mode,
-                  upsample=upsample)  # fmt: skip
+                  ts.num_active, check_values=False, pad_mode=pad_mode, upsample=upsample,
+                  split_k=0)  # fmt: skip
         state.note_written(name, ts)
         return out
     if path == "tiles":  # the prologue once per window (gather), the rest in one launch
@@ -144,7 +145,7 @@ def sparse_conv2d(
             windows = [torch.cat(windows, dim=1)]
         tile_conv(out, windows, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), None, None, "identity", slope, residual,
-                  ts.num_active, check_values=False, input_tiles=True)  # fmt: skip
+                  ts.num_active, check_values=False, input_tiles=True, split_k=0)  # fmt: skip
         state.note_written(name, ts)
         return out
     batch = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act, slope,
@@ -162,6 +163,7 @@ def sparse_conv2d(
 
 
 FUSED_MAX_K = 2048  # "auto": longest reduction (C_in * kh * kw) the fused kernel takes
+TILES_MAX_COUT = 320  # "auto": most output channels the conv on gathered windows takes
 
 
 def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups: int,
@@ -170,16 +172,23 @@ def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups:
     ``tile_conv`` launch, prologue applied per tap), "tiles" (gather with the prologue, then
     ``tile_conv`` on the gathered windows: the prologue once per input pixel) or "cudnn"
     (gather -> cuDNN on the tile batch -> scatter). Transposed and grouped convs always take
-    cuDNN; "fused" takes at most two concatenated inputs.
+    cuDNN; "fused" takes at most two concatenated inputs. Both Triton paths split the reduction
+    of small launches over several programs (``split_k_for``).
 
-    "auto" follows ``benchmarks/conv_kernels.py`` (docs/results.md): the fused kernel for convs
-    without a norm/activation prologue and a short reduction, cuDNN for the others.
+    "auto" follows ``benchmarks/conv_kernels.py --splits`` (H200, docs/results.md): the fused
+    kernel for convs without a norm/activation prologue and a short reduction; the conv on
+    gathered windows for the others with at most ``TILES_MAX_COUT`` output channels (it beat
+    cuDNN by 13-37 % on those DDPM / SD layers at 1.2 % edits, lost at 640 and 1280); cuDNN for
+    the rest.
     """
     if transposed is not None or groups != 1:
         return "cudnn"
     plain = scale is None and shift is None and act == "identity"
     if kernel == "auto":
-        kernel = "fused" if plain and weight[0].numel() <= FUSED_MAX_K else "cudnn"
+        if plain and weight[0].numel() <= FUSED_MAX_K:
+            kernel = "fused"
+        else:
+            kernel = "tiles" if weight.shape[0] <= TILES_MAX_COUT else "cudnn"
     if kernel == "fused" and num_parts > 2:
         return "tiles"  # the windows of the parts concatenated, one input of the fused kernel
     return kernel

@@ -150,14 +150,16 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, a
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("split", [1, 4, 7])
 @pytest.mark.parametrize("input_tiles", [False, True], ids=["map", "tiles"])
-def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles):
+def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles, split):
     """A long reduction over few tiles (320 + 320 channels, 3x3), read from the map with the
-    prologue in the kernel or from gather's windows with the prologue applied there; captured
-    in a CUDA graph and replayed three times with new tiles each time: every replay equals the
-    reference. Split-K is refused on CUDA (it failed this test with split_k=4 on an H200)."""
-    split = 1
+    prologue in the kernel or from gather's windows with the prologue applied there, its
+    reduction split over ``split`` programs; captured in a CUDA graph and replayed three times
+    with new tiles each time: every replay equals the reference, and the split-K workspace and
+    counters are zero again after each."""
     from sigec.kernels import gather_parts
+    from sigec.kernels.conv import split_k_workspace
 
     torch.manual_seed(11)
     cl, dt = torch.channels_last, torch.float16
@@ -204,9 +206,67 @@ def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles):
                             [1, 1], scale.cpu(), shift.cpu(), "silu", 0.01,
                             residual.float().cpu(), new.num_active)  # fmt: skip
         torch.testing.assert_close(out.float().cpu(), want, atol=3e-2, rtol=3e-2)
-    with pytest.raises(NotImplementedError, match="split-K gave wrong results"):
-        tile_conv_triton(out, parts, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
-                         split_k=4)  # fmt: skip
+        if split > 1:
+            ws, counters = split_k_workspace(out.device)
+            assert not ws.any() and not counters.any()
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_tile_conv_split_k_matches_unsplit_on_cuda(seed):
+    """Random shapes (1-2 parts of 128-1280 channels, 1x1 / 3x3, maps of 16-64, with or without
+    the prologue and residual, on the map or on gathered windows) and split factors 2-16: three
+    split launches in a row each equal the unsplit launch (the order of the fp32 sums differs),
+    and leave the workspace zero. The plain-load version of the last program's read failed this
+    on an H200 in a few elements of most launches."""
+    import random
+
+    from sigec.kernels import gather_parts
+    from sigec.kernels.conv import split_k_workspace
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    cl, dt = torch.channels_last, torch.float16
+    n, res, k = rng.choice([1, 2]), rng.choice([16, 32, 64]), rng.choice([3, 3, 1])
+    parts_c = rng.choice([(128,), (256,), (320,), (640,), (1280,), (256, 128), (640, 320)])
+    co, cin = rng.choice([128, 320, 640]), sum(parts_c)
+    parts = [torch.randn(n, c, res, res, device="cuda", dtype=dt).contiguous(memory_format=cl)
+             for c in parts_c]  # fmt: skip
+    weight = torch.randn(co, cin, k, k, device="cuda", dtype=dt) / (cin * k * k) ** 0.5
+    weight = weight.contiguous(memory_format=cl)
+    bias = torch.randn(co, device="cuda", dtype=dt)
+    prologue, tiled = rng.random() < 0.7, rng.random() < 0.5
+    scale = torch.rand(n, cin, device="cuda") + 0.5 if prologue else None
+    shift = torch.randn(n, cin, device="cuda") if prologue else None
+    act = "silu" if prologue else "identity"
+    residual = None
+    if rng.random() < 0.5:
+        residual = torch.randn(n, co, res, res, device="cuda", dtype=dt)
+        residual = residual.contiguous(memory_format=cl)
+    mask = blob_mask(res, res, rng.choice([0.01, 0.02, 0.05, 0.1]), seed=seed, device="cuda")
+    ts = active_tiles(mask, k, 1, k // 2, 6 if k == 3 else 4, capacity=64)
+    split = rng.choice([2, 3, 4, 8, 16])
+    out = torch.zeros(n, co, res, res, device="cuda", dtype=dt).contiguous(memory_format=cl)
+
+    def run(split_k):
+        out.zero_()
+        if tiled:
+            windows = gather_parts(gather, parts, ts.in_corners, *ts.in_tile, scale, shift, act,
+                                   0.01, ts.num_active, concat=False)  # fmt: skip
+            tile_conv_triton(out, windows, weight, bias, ts.in_corners, ts.out_corners,
+                             *ts.out_tile, [1, 1], [1, 1], residual=residual,
+                             num_active=ts.num_active, check_values=False, input_tiles=True,
+                             split_k=split_k)  # fmt: skip
+        else:
+            tile_conv_triton(out, parts, weight, bias, ts.in_corners, ts.out_corners,
+                             *ts.out_tile, [1, 1], [1, 1], scale, shift, act, 0.01, residual,
+                             ts.num_active, check_values=False, split_k=split_k)  # fmt: skip
+        return out.float().clone()
+
+    want = run(1)
+    for _ in range(3):
+        torch.testing.assert_close(run(split), want, atol=1e-2, rtol=1e-2)
+    ws, counters = split_k_workspace(out.device)
+    assert not ws.any() and not counters.any()
 
 
 def test_restore_batch_on_cuda_in_a_graph():

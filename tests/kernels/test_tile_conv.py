@@ -294,16 +294,19 @@ def test_split_k_equals_one_program_per_block(split, input_tiles):
 
 
 def test_split_k_choice():
-    """Automatic split-K only for launches far smaller than the GPU, never more than the
-    reduction's steps allow, and never past the workspace."""
+    """Automatic split-K only for launches with fewer programs than SMs and a reduction of at
+    least 12 steps: about sqrt(steps) slices, at most 16 and 8 programs per SM, never past the
+    workspace."""
     from sigec.kernels.conv import SPLIT_K_BLOCKS, split_k_for
 
-    assert split_k_for(programs=200, steps=72, block_elems=2048, sms=132) == 1  # fills the GPU
-    assert split_k_for(programs=8, steps=72, block_elems=2048, sms=132) == 16  # 18 slices cap
-    assert split_k_for(programs=8, steps=12, block_elems=2048, sms=132) == 3  # >= 4 steps each
-    assert split_k_for(programs=40, steps=72, block_elems=2048, sms=132) == 3
-    assert split_k_for(programs=8, steps=72, block_elems=128 * 64, sms=132) == 1
+    assert split_k_for(programs=132, steps=72, block_elems=2048, sms=132) == 1  # fills the GPU
+    assert split_k_for(programs=18, steps=18, block_elems=4096, sms=132) == 4  # ~sqrt(steps)
+    assert split_k_for(programs=120, steps=180, block_elems=2048, sms=132) == 8  # 8 per SM
+    assert split_k_for(programs=8, steps=400, block_elems=2048, sms=132) == 16  # the cap
+    assert split_k_for(programs=16, steps=11, block_elems=4096, sms=132) == 1  # too short
+    assert split_k_for(programs=8, steps=72, block_elems=128 * 64, sms=132) == 1  # big blocks
     assert split_k_for(programs=SPLIT_K_BLOCKS + 1, steps=72, block_elems=64, sms=10**6) == 1
+    assert split_k_for(programs=8, steps=72, block_elems=2048, sms=0) == 1  # the interpreter
 
 
 def test_input_tiles_misuse_is_a_typed_error():
