@@ -36,10 +36,10 @@ OP_CLASSES = [
     ("gather", ("_gather",)),
     ("scatter", ("_scatter",)),
     ("restore", ("_restore",)),
-    ("conv (cuDNN)", ("fprop", "conv", "xmma", "implicit_gemm", "nchwToNhwc", "nhwcToNchw")),
+    ("inductor expression", ("triton_",)),  # before "conv": inductor names them by their ops
+    ("conv (cuDNN)", ("fprop", "xmma", "implicit_gemm", "nchwToNhwc", "nhwcToNchw", "conv")),
     ("attention", ("fmha", "flash", "attention", "softmax")),
-    ("matmul", ("gemm", "sm90_", "sm80_", "cutlass", "cublas")),
-    ("inductor expression", ("triton_",)),
+    ("matmul", ("gemm", "nvjet", "sm90_", "sm80_", "cutlass", "cublas")),
     ("norm", ("Moments", "norm", "Norm")),
     ("copy / fill", ("copy", "Memcpy", "Memset", "fill", "CatArray")),
 ]
