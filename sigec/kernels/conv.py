@@ -318,7 +318,7 @@ def split_k_for(programs: int, steps: int, block_elems: int, sms: int) -> int:
 
     From ``benchmarks/conv_kernels.py --splits`` on an H200 (docs/results.md): a split pays where
     the launch has fewer programs than SMs and the reduction has at least 12 (tap, channel
-    block) steps; about sqrt(steps) slices was within 10 % of the best factor on every DDPM and
+    block) steps; about sqrt(steps) slices was within 12 % of the best factor on every DDPM and
     SD shape, and the split launch keeps to at most 8 programs per SM."""
     if programs >= sms or steps < 12 or block_elems > SPLIT_K_BLOCK_ELEMS:
         return 1

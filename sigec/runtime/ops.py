@@ -178,7 +178,7 @@ def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups:
     "auto" follows ``benchmarks/conv_kernels.py --splits`` (H200, docs/results.md): the fused
     kernel for convs without a norm/activation prologue and a short reduction; the conv on
     gathered windows for the others with at most ``TILES_MAX_COUT`` output channels (it beat
-    cuDNN by 13-37 % on those DDPM / SD layers at 1.2 % edits, lost at 640 and 1280); cuDNN for
+    cuDNN by 7-29 % on those DDPM / SD layers at 1.2 % edits, lost at 640 and 1280); cuDNN for
     the rest.
     """
     if transposed is not None or groups != 1:
