@@ -1,6 +1,8 @@
 """MACs of sigec's edits vs the dense model, full-size models, SIGE's settings (CPU is fine).
 
     python benchmarks/macs_table.py --out benchmarks/results/macs.json
+    python benchmarks/macs_table.py --models sd15-unet-512x1024 --fractions 0.012 0.017 \
+        --also kv_projection=dense --out kv.json   # a SparseConfig change
 
 For each model and edit size: the median over seeds of dense / executed MACs, for compact edits
 (one blob) and for the shared generator's default (one to three blobs). MACs do not depend on the
@@ -12,26 +14,31 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import sigec
-from sigec.models.configs import MODELS, build
-from sigec.runtime.masks import blob_mask
+if __package__ in (None, ""):  # run as ``python benchmarks/NAME.py``: make the root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sigec  # noqa: E402
+from benchmarks.edit_latency import config_override, sige_config_with  # noqa: E402
+from sigec.models.configs import MODELS, build  # noqa: E402
+from sigec.runtime.masks import blob_mask  # noqa: E402
 
 FRACTIONS = (0.012, 0.05, 0.15, 0.30, 1.0)
 
 
-def run(name: str, seeds: int) -> dict:
+def run(name: str, seeds: int, fractions=FRACTIONS, overrides: dict | None = None) -> dict:
     model, args, kwargs = build(name, seed=0)
-    config = sigec.SparseConfig(**MODELS[name].sige_config)
+    config = sigec.SparseConfig(**sige_config_with(name, overrides or {}))
     engine = sigec.compile(model, args, kwargs, config=config)
     engine.record(*args, **kwargs)
     h, w = args[0].shape[-2:]
     rows = []
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         for blobs in (1, None):
             ratios, fracs = [], []
             for seed in range(seeds if fraction < 1 else 1):
@@ -53,7 +60,8 @@ def run(name: str, seeds: int) -> dict:
             print(name, rows[-1], flush=True)
             if fraction == 1.0:
                 break
-    return {"model": name, "config": MODELS[name].sige_config, "rows": rows,
+    return {"model": name, "config": MODELS[name].sige_config, "changes": overrides or {},
+            "rows": rows,
             "cache_bytes_fp32": stats["cache_bytes"]}  # fmt: skip
 
 
@@ -61,10 +69,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ddpm-church-256", "gaugan-cityscapes"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
+    parser.add_argument("--also", type=config_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="a SparseConfig field changed")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/macs.json"))
     args = parser.parse_args()
     t0 = time.time()
-    result = {"torch": torch.__version__, "results": [run(m, args.seeds) for m in args.models]}
+    result = {
+        "torch": torch.__version__,
+        "results": [run(m, args.seeds, args.fractions, dict(args.also)) for m in args.models],
+    }
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

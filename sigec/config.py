@@ -101,6 +101,13 @@ class SparseConfig:
             (and read by sparse convs only) reads the upsampling's input through a lookup
             (``convs.fold_upsamples``): the upsampled map is never built, so it needs no working
             map, no cache per slot and no upsampling kernels in the edit.
+        kv_projection: where a recognised self-attention's key and value projections (the
+            ``Linear`` layers that make K and V from the image's tokens) run. "tiles" (default):
+            on the edited tokens only, so K and V are cached per slot (two maps per attention);
+            "dense": on every token in each edit, from the cached normalised tokens they read,
+            so a slot caches one map per attention instead of two (SD 1.5 512x1024: -88 MiB
+            per slot in fp16) for a dense projection of all keys and values per edit (more
+            MACs). Memory for compute; measured in docs/results.md.
     """
 
     mask_policy: str = "truncated"
@@ -126,6 +133,7 @@ class SparseConfig:
     compile_workers: int = 8
     pass_tiles: bool = True
     upsample_reads: bool = True
+    kv_projection: str = "tiles"
 
     def __post_init__(self):
         if self.mask_policy not in MASK_POLICIES:
@@ -153,6 +161,10 @@ class SparseConfig:
         if self.conv_kernel not in CONV_KERNELS:
             raise ValueError(
                 f"conv_kernel: expected one of {CONV_KERNELS}, got {self.conv_kernel!r}"
+            )
+        if self.kv_projection not in ("tiles", "dense"):
+            raise ValueError(
+                f"kv_projection: expected 'tiles' or 'dense', got {self.kv_projection!r}"
             )
         if self.norm_stats not in NORM_STATS:
             raise ValueError(f"norm_stats: expected one of {NORM_STATS}, got {self.norm_stats!r}")

@@ -136,7 +136,9 @@ def classify(node: torch.fx.Node, ni: NodeInfo, config: SparseConfig) -> tuple[s
 
 
 def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
-    """Op class and execution mode of every dependent node, with the reason for dense ones."""
+    """Op class and execution mode of every dependent node, with the reason for dense ones;
+    with ``config.kv_projection == "dense"`` the key / value projections of recognised
+    attentions run dense (``kv_projections``)."""
     for node in gm.graph.nodes:
         ni = info(node)
         if ni.role == "const":
@@ -156,6 +158,31 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
         else:
             op, mode, reason = classify(node, ni, config)
             set_info(node, op=op, mode=mode, reason=reason)
+    if config.kv_projection == "dense":
+        for node in kv_projections(gm):
+            if info(node).mode == SPARSE:
+                set_info(node, mode="dense", reason=(
+                    "a key / value projection (kv_projection='dense'): runs on every token, "
+                    "reading the cached normalised tokens"))  # fmt: skip
+
+
+def kv_projections(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The image-dependent ``linear`` nodes whose results (through views) are the keys or
+    values of a recognised attention core (``meta["sigec_attention"]``)."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    found = []
+    for node in gm.graph.nodes:
+        core = node.meta.get("sigec_attention")
+        if not core:
+            continue
+        for key in ("k", "v"):
+            x = by_name.get(core[key])
+            while x is not None and x.op == "call_function" and x.target != aten.linear.default:
+                x = x.args[0] if is_view(x) and isinstance(x.args[0], torch.fx.Node) else None
+            if x is not None and x.target == aten.linear.default and info(x).role == "dependent":
+                if x not in found:
+                    found.append(x)
+    return found
 
 
 def operands_fit_tiles(node: torch.fx.Node, res) -> str:

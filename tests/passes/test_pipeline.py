@@ -519,3 +519,34 @@ def test_an_upsampling_read_by_other_ops_stays_a_map():
         torch.testing.assert_close(engine.edit(xe), model(xe), rtol=1e-5, atol=1e-6)
     off = sigec.SparseConfig(**{**EXACT.__dict__, "upsample_reads": False})
     assert build_program(_UpConv(2).eval(), (x,), {}, off).counters["upsamples_read"] == 0
+
+
+def test_dense_key_value_projections_cache_one_map_instead_of_two():
+    """kv_projection="dense": the SD UNet's self-attention key / value Linears run dense (with
+    the reason in the program), the slot caches less (the normalised tokens instead of K and
+    V), and an edit gives what the default's edit gives (the same K and V values, projected
+    from the cached tokens); the record is the dense model's either way."""
+    from sigec.models.configs import MODELS, build
+    from sigec.passes.classify import kv_projections
+    from sigec.runtime.masks import blob_mask
+
+    model, args, kwargs = build("sd15-unet-tiny", seed=0)
+    mask = blob_mask(*args[0].shape[-2:], 0.1, seed=0, num_blobs=1)
+    x = torch.where(mask, torch.randn_like(args[0]), args[0])
+    runs = {}
+    for kv in ("tiles", "dense"):
+        config = sigec.SparseConfig(**MODELS["sd15-unet-tiny"].sige_config, kv_projection=kv)
+        engine = sigec.compile(model, args, kwargs, config=config)
+        rec = engine.record(*args, **kwargs)
+        torch.testing.assert_close(rec.sample, model(*args, **kwargs).sample, rtol=1e-4, atol=1e-5)
+        runs[kv] = (engine, engine.edit(x, *args[1:], mask=mask, **kwargs).sample)
+    (tiles, out_tiles), (dense, out_dense) = runs["tiles"], runs["dense"]
+    projections = kv_projections(dense.program.record_gm)
+    assert projections and len(projections) % 2 == 0  # a key and a value Linear per attention
+    reasons = {n.name: n.meta["sigec"].reason for n in projections}
+    assert all("kv_projection='dense'" in r for r in reasons.values()), reasons
+    assert not any(n.meta["sigec"].mode == "dense" for n in kv_projections(tiles.program.record_gm))
+    assert dense.stats()["cache_bytes"] < tiles.stats()["cache_bytes"]
+    torch.testing.assert_close(out_dense, out_tiles, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_projection"):
+        sigec.SparseConfig(kv_projection="host")
