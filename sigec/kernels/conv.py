@@ -294,8 +294,8 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
 
 # Split-K: the fp32 workspace and arrival counters all split-K launches on a device share (they
 # run one after another on the engine's stream and leave both zero; two split-K launches running
-# at once on two streams of one device would mix their sums: sigec never does that). Sized for the launches that
-# split: few output blocks (a few waves of SMs at most) of at most 64 x 64.
+# at once on two streams of one device would mix their sums: sigec never does that). Sized for
+# the launches that split: few output blocks (a few waves of SMs at most) of at most 64 x 64.
 SPLIT_K_BLOCKS = 2048
 SPLIT_K_BLOCK_ELEMS = 64 * 64
 SPLIT_K_MAX = 16
