@@ -11,7 +11,9 @@ runtime's cuDNN path (gather with the folded GroupNorm + SiLU prologue per input
 launch heuristic's blocks (the prologue applied per tap), "tiles" is gather with the prologue ->
 ``tile_conv(input_tiles=True)`` on the gathered windows; where the split-K heuristic splits
 the reduction (``split_k`` > 1), "fused_split" and "tiles_split" are the two with it, and
-``--splits`` times "tiles" with each given split factor. Unless ``--no-search``, every entry
+``--splits`` times "tiles" with each given split factor; "window" / "window_t3" are the
+window conv (``stage_windows=True``: the prologue once per staged window pixel, one launch)
+with the runtime's blocks / about three tiles per program. Unless ``--no-search``, every entry
 of ``CONFIGS`` is tried to find the best blocks of "fused" for the shape. fp16, channels-last
 maps and weights. Never run by the tests.
 """
@@ -47,6 +49,11 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
     (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
 ]  # fmt: skip
+
+
+# the window conv's blocks: the runtime's (whole tiles in BLOCK_M = 32 rows, at least one),
+# and ~3 tiles of 6x6 per program with narrower output blocks (so split-K still fits)
+WINDOW_BLOCKS = {"window_ms": None, "window_t3_ms": (128, 32, 64, 4, 3)}
 
 
 def graph_ms(fn, calls: int = 10, reps: int = 20) -> float:
@@ -112,11 +119,11 @@ def run_shape(shape, fractions, search: bool = True, splits=()) -> list[dict]:
             scatter(out, y.contiguous(memory_format=cl), ts.out_corners, res_map, ts.num_active,
                     check_values=False)  # fmt: skip
 
-        def fused(blocks=None, ts=ts, split=1):
+        def fused(blocks=None, ts=ts, split=1, window=False):
             return lambda: tile_conv_triton(
                 out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                 [stride] * 2, [1, 1], scale, shift, act, 0.01, res_map, ts.num_active,
-                check_values=False, blocks=blocks, split_k=split,
+                check_values=False, blocks=blocks, split_k=split, stage_windows=window,
             )  # fmt: skip
 
         def tiles(ts=ts, split=1):
@@ -136,6 +143,9 @@ def run_shape(shape, fractions, search: bool = True, splits=()) -> list[dict]:
         row["cudnn_ms"] = round(graph_ms(cudnn), 4)
         row["fused_ms"] = round(graph_ms(fused()), 4)
         row["tiles_ms"] = round(graph_ms(tiles()), 4)
+        if len(parts) <= 2:  # the window conv, split-K by the heuristic; 1 or ~3 tiles/program
+            for key, blocks in WINDOW_BLOCKS.items():
+                row[key] = round(graph_ms(fused(blocks, split=0, window=True)), 4)
         bm, bn, bk, _, _ = blocks = block_config(cin, co, cap * ts.out_tile[0] ** 2)
         row["fused_blocks"] = list(blocks)
         programs = -(-cap * ts.out_tile[0] * ts.out_tile[1] // bm) * -(-co // bn) * n

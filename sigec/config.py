@@ -7,7 +7,7 @@ from types import MappingProxyType
 
 MASK_POLICIES = ("truncated", "exact")
 NORM_STATS = ("cached", "incremental")
-CONV_KERNELS = ("auto", "fused", "tiles", "cudnn")
+CONV_KERNELS = ("auto", "fused", "window", "tiles", "cudnn")
 
 
 def _default_block_sizes():
@@ -69,9 +69,12 @@ class SparseConfig:
         conv_kernel: how a sparse conv runs on the GPU. "fused": one Triton implicit-GEMM launch
             (``sigec.kernels.tile_conv``) reads the input tiles through the tile list, applies the
             folded norm and activation, convolves, adds bias and residual and writes the output
-            tiles into the map; "tiles": gather (with the norm and activation, once per input
-            pixel) -> the same kernel on the gathered windows (bias, residual and the write in
-            its epilogue); "cudnn": gather -> cuDNN conv on the tile batch -> scatter;
+            tiles into the map; "window": the same single launch, but each program first stages
+            its tiles' input windows with the norm and activation applied once per pixel, then
+            runs the taps on them (``sigec.kernels.window_conv``); "tiles": gather (with the
+            norm and activation, once per input pixel) -> the same kernel on the gathered
+            windows (bias, residual and the write in its epilogue); "cudnn": gather -> cuDNN
+            conv on the tile batch -> scatter;
             "auto" (default): fused for convs without a norm/activation prologue and a short
             reduction, "tiles" for the others with at most 320 output channels, cuDNN for the
             rest (measured per layer shape on an H200 with split-K for small launches,

@@ -55,8 +55,19 @@ from sigec.kernels._common import (
     launch,
     reject_float64,
 )
+from sigec.kernels._tile_epilogue import (  # noqa: F401  (split_k_*: the public names here)
+    SPLIT_K_BLOCK_ELEMS,
+    SPLIT_K_BLOCKS,
+    SPLIT_K_MAX,
+    _split_k_add,
+    _split_k_take,
+    _write_tile,
+    split_k_for,
+    split_k_workspace,
+)
 from sigec.kernels.gather import _activate, _remap, gather_parts, gather_reference
 from sigec.kernels.scatter import scatter_reference
+from sigec.kernels.window_conv import launch_window_conv, window_rows
 
 
 @triton.jit
@@ -202,42 +213,16 @@ def _tile_conv_kernel(
             HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP, SPLIT,
         )  # fmt: skip
 
-    if SPLIT > 1:
-        # -- split-K: add the partial sum into the block's fp32 workspace; the program that
-        # arrives last takes the sum (and leaves the workspace and its counter zero again)
+    if SPLIT > 1:  # split-K: the program that adds the last partial sum writes the block
         block = (n * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
-        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        ws = ws_ptr + block * (BLOCK_M * BLOCK_N) + cell
-        tl.atomic_add(ws, acc, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial is in before the arrival is counted
-        arrived = tl.atomic_add(lock_ptr + block, 1)  # acq_rel: orders the partials
+        arrived = _split_k_add(acc, ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
         if arrived != SPLIT - 1:
             return
-        # read the sum and leave zeros in one atomic (at L2, where the adds landed): plain
-        # loads of it, even .cg or volatile, missed partials on an H200; as int32 bits because
-        # the interpreter exchanges integers only; relaxed: the counter's acquire orders it
-        bits = tl.atomic_xchg(
-            ws.to(tl.pointer_type(tl.int32)),
-            tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
-            sem="relaxed",
-        )
-        acc = bits.to(tl.float32, bitcast=True)
-        tl.atomic_xchg(lock_ptr + block, 0)
-
-    # -- epilogue: bias, residual, write into the map (only pixels inside it)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    keep = row_ok & (oy >= 0) & (oy < HO) & (ox >= 0) & (ox < WO)
-    mask = keep[:, None] & n_ok[None, :]
-    oy64 = oy.to(tl.int64)[:, None]
-    ox64 = ox.to(tl.int64)[:, None]
-    co64 = offs_n.to(tl.int64)[None, :]
-    if HAS_RESIDUAL:
-        r_src = res_ptr + n * stride_rn + co64 * stride_rc + oy64 * stride_rh
-        res = tl.load(r_src + ox64 * stride_rw, mask=mask, other=0.0)
-        acc += res.to(tl.float32)
-    dst = out_ptr + n * stride_on + co64 * stride_oc + oy64 * stride_oh
-    tl.store(dst + ox64 * stride_ow, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc = _split_k_take(ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
+    _write_tile(acc, out_ptr, bias_ptr, res_ptr, n, oy, ox, row_ok, offs_n, n_ok, HO, WO,
+                stride_on, stride_oc, stride_oh, stride_ow,
+                stride_rn, stride_rc, stride_rh, stride_rw,
+                HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
 
 
 def tile_conv_reference(
@@ -292,42 +277,6 @@ def block_config(c_in: int, c_out: int, rows: int) -> tuple[int, int, int, int, 
     return block_m, 64, block_k, 4, 3
 
 
-# Split-K: the fp32 workspace and arrival counters all split-K launches on a device share (they
-# run one after another on the engine's stream and leave both zero; two split-K launches running
-# at once on two streams of one device would mix their sums: sigec never does that). Sized for
-# the launches that split: few output blocks (a few waves of SMs at most) of at most 64 x 64.
-SPLIT_K_BLOCKS = 2048
-SPLIT_K_BLOCK_ELEMS = 64 * 64
-SPLIT_K_MAX = 16
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def split_k_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 workspace, int32 counters) of ``device``, allocated zero once and never freed (a
-    captured CUDA graph keeps their addresses)."""
-    device = torch.device(device)
-    if device not in _WORKSPACES:
-        _WORKSPACES[device] = (
-            torch.zeros(SPLIT_K_BLOCKS * SPLIT_K_BLOCK_ELEMS, device=device, dtype=torch.float32),
-            torch.zeros(SPLIT_K_BLOCKS, device=device, dtype=torch.int32),
-        )
-    return _WORKSPACES[device]
-
-
-def split_k_for(programs: int, steps: int, block_elems: int, sms: int) -> int:
-    """How many programs share each output block's reduction (1 = no split).
-
-    From ``benchmarks/conv_kernels.py --splits`` on an H200 (docs/results.md): a split pays where
-    the launch has fewer programs than SMs and the reduction has at least 12 (tap, channel
-    block) steps; about sqrt(steps) slices was within 12 % of the best factor on every DDPM and
-    SD shape, and the split launch keeps to at most 8 programs per SM."""
-    if programs >= sms or steps < 12 or block_elems > SPLIT_K_BLOCK_ELEMS:
-        return 1
-    if programs > SPLIT_K_BLOCKS:
-        return 1
-    return max(1, min(SPLIT_K_MAX, round(steps**0.5), 8 * sms // programs))
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 0  # the interpreter: no automatic split (tests ask for one explicitly)
@@ -339,17 +288,22 @@ def tile_conv_triton(
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
     check_values=True, pad_mode: str = "zeros", upsample: int = 1, input_tiles: bool = False,
     split_k: int = 1, blocks: tuple[int, int, int, int, int] | None = None,
+    stage_windows: bool = False,
 ) -> None:  # fmt: skip
     """Launch the Triton kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     ``split_k``: programs per output block's reduction, 0 = ``split_k_for``'s choice (the
     interpreter has no SM count: 0 means no split there).
     ``blocks`` overrides ``block_config`` (tests use large blocks under the interpreter).
+    ``stage_windows``: the window conv (``sigec.kernels.window_conv``): the input windows are
+    read from the maps and their prologue applied once per pixel, then the taps, in one launch.
     """
     act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
                  dilation, scale, shift, activation, slope, residual, num_active,
                  check_values, upsample, input_tiles, pad_mode)  # fmt: skip
     reject_float64("out", out)
+    if stage_windows and input_tiles:
+        raise ValueError("stage_windows: the window conv reads the maps; pass input_tiles=False")
     nb, co, ho, wo = out.shape
     m = in_corners.shape[0]
     x1 = parts[0]
@@ -360,18 +314,35 @@ def tile_conv_triton(
     if rows == 0 or co == 0 or nb == 0:
         return
     bm, bn, bk, warps, stages = blocks or block_config(c1 + c2, co, rows)
-    grid_mn = triton.cdiv(rows, bm) * triton.cdiv(co, bn)
+    if stage_windows:  # whole tiles per program
+        tiles, block_m = window_rows(tile_h, tile_w, bm)
+        grid_m = triton.cdiv(m, tiles)
+    else:
+        block_m, grid_m = bm, triton.cdiv(rows, bm)
+    grid_mn = grid_m * triton.cdiv(co, bn)
     steps = weight.shape[2] * weight.shape[3] * (triton.cdiv(c1, bk) + triton.cdiv(c2, bk))
     if split_k == 0:
-        split_k = split_k_for(grid_mn * nb, steps, bm * bn, _sm_count(out.device))
-    if split_k > 1 and (grid_mn * nb > SPLIT_K_BLOCKS or bm * bn > SPLIT_K_BLOCK_ELEMS):
+        split_k = split_k_for(grid_mn * nb, steps, block_m * bn, _sm_count(out.device))
+    if split_k > 1 and (grid_mn * nb > SPLIT_K_BLOCKS or block_m * bn > SPLIT_K_BLOCK_ELEMS):
         raise ValueError(
-            f"split_k={split_k}: the launch has {grid_mn * nb} output blocks of {bm}x{bn}; the "
-            f"split-K workspace holds {SPLIT_K_BLOCKS} blocks of {SPLIT_K_BLOCK_ELEMS} values "
-            "(use split_k=1 or smaller blocks)"
+            f"split_k={split_k}: the launch has {grid_mn * nb} output blocks of {block_m}x{bn}; "
+            f"the split-K workspace holds {SPLIT_K_BLOCKS} blocks of {SPLIT_K_BLOCK_ELEMS} "
+            "values (use split_k=1 or smaller blocks)"
         )
     ws, locks = split_k_workspace(out.device) if split_k > 1 else (in_corners, in_corners)
-    grid = (triton.cdiv(rows, bm), triton.cdiv(co, bn), nb * split_k)
+    flags = dict(HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None,
+                 HAS_RESIDUAL=residual is not None, HAS_COUNT=num_active is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, ACT=act,
+                 IEEE=out.dtype == torch.float32, PAD_MODE=check_pad_mode(pad_mode),
+                 UP=upsample)  # fmt: skip
+    if stage_windows:
+        in_h, in_w = _window(tile_h, tile_w, stride, dilation, weight)
+        launch_window_conv(out, x1, x2, weight, bias, residual, in_corners, out_corners,
+                           num_active, scale, shift, ws, locks, m, c1, c2, h, w, tile_h,
+                           tile_w, in_h, in_w, stride, dilation, slope, flags, split_k,
+                           (bm, bn, bk, warps, stages))  # fmt: skip
+        return
+    grid = (grid_m, triton.cdiv(co, bn), nb * split_k)
     dummy = in_corners  # stands in for absent optional pointers (never read)
     launch(
         _tile_conv_kernel, grid,
@@ -385,11 +356,7 @@ def tile_conv_triton(
         *(residual.stride() if residual is not None else (0, 0, 0, 0)),
         *(scale.stride() if scale is not None else (0, 0)),
         *(shift.stride() if shift is not None else (0, 0)),
-        float(slope),
-        HAS_X2=len(parts) > 1, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        HAS_COUNT=num_active is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, ACT=act, IEEE=out.dtype == torch.float32,
-        PAD_MODE=check_pad_mode(pad_mode), UP=upsample, TILED_IN=input_tiles, SPLIT=split_k,
+        float(slope), **flags, TILED_IN=input_tiles, SPLIT=split_k,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
@@ -505,6 +472,7 @@ def tile_conv(
     upsample: int = 1,
     input_tiles: bool = False,
     split_k: int = 1,
+    stage_windows: bool = False,
 ) -> None:
     """Conv on the active tiles, written into ``out`` in place (see the module docstring).
 
@@ -527,6 +495,9 @@ def tile_conv(
         split_k: programs sharing each output block's reduction (0: chosen from the launch's
             size, ``split_k_for``); the result does not depend on it beyond fp32 summation
             order.
+        stage_windows: on CUDA, run the window conv (``sigec.kernels.window_conv``): each
+            program applies the prologue once per input pixel of its tiles' windows, then the
+            taps, in one launch (the same result up to fp32 summation order).
     """
     args = (out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
             scale, shift, activation, slope, residual, num_active)  # fmt: skip
@@ -534,8 +505,11 @@ def tile_conv(
     if split_k < 0:
         raise ValueError(f"split_k: expected 0 (automatic) or a positive count, got {split_k}")
     if out.is_cuda:
-        tile_conv_triton(*args, check_values, pad_mode, upsample, input_tiles, split_k)
+        tile_conv_triton(*args, check_values, pad_mode, upsample, input_tiles, split_k,
+                         stage_windows=stage_windows)  # fmt: skip
         return
+    if stage_windows and input_tiles:
+        raise ValueError("stage_windows: the window conv reads the maps; pass input_tiles=False")
     _check(*args, check_values, upsample, input_tiles, pad_mode)
     tile_conv_reference(*args, pad_mode=pad_mode, upsample=upsample, input_tiles=input_tiles)
 
@@ -545,6 +519,7 @@ def _tile_conv_fake(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale=None, shift=None, activation="identity", slope=0.01, residual=None, num_active=None,
     check_values=True, pad_mode="zeros", upsample=1, input_tiles=False, split_k=1,
+    stage_windows=False,
 ):  # fmt: skip
     _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
            scale, shift, activation, slope, residual, num_active, check_values,

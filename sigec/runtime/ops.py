@@ -131,11 +131,11 @@ def sparse_conv2d(
             "compile the model in the dtype you run it in"
         )
     path = conv_path(kernel, scale, shift, act, weight, groups, len(parts), transposed)
-    if path == "fused":
+    if path in ("fused", "window"):  # one launch reading the maps
         tile_conv(out, parts, weight, bias, ts.in_corners, ts.out_corners, *ts.out_tile,
                   list(stride), list(dilation), scale, shift, act, slope, residual,
                   ts.num_active, check_values=False, pad_mode=pad_mode, upsample=upsample,
-                  split_k=0)  # fmt: skip
+                  split_k=0, stage_windows=path == "window")  # fmt: skip
         state.note_written(name, ts)
         return out
     if path == "tiles":  # the prologue once per window (gather), the rest in one launch
@@ -169,11 +169,12 @@ TILES_MAX_COUT = 320  # "auto": most output channels the conv on gathered window
 def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups: int,
               num_parts: int, transposed) -> str:  # fmt: skip
     """How a sparse conv runs on the GPU (``SparseConfig.conv_kernel``): "fused" (one
-    ``tile_conv`` launch, prologue applied per tap), "tiles" (gather with the prologue, then
-    ``tile_conv`` on the gathered windows: the prologue once per input pixel) or "cudnn"
+    ``tile_conv`` launch, prologue applied per tap), "window" (one ``tile_conv`` launch that
+    stages each program's input windows with the prologue once per pixel, then the taps),
+    "tiles" (gather with the prologue, then ``tile_conv`` on the gathered windows) or "cudnn"
     (gather -> cuDNN on the tile batch -> scatter). Transposed and grouped convs always take
-    cuDNN; "fused" takes at most two concatenated inputs. Both Triton paths split the reduction
-    of small launches over several programs (``split_k_for``).
+    cuDNN; "fused" and "window" take at most two concatenated inputs. The Triton paths split
+    the reduction of small launches over several programs (``split_k_for``).
 
     "auto" follows ``benchmarks/conv_kernels.py --splits`` (H200, docs/results.md): the fused
     kernel for convs without a norm/activation prologue and a short reduction; the conv on
@@ -189,8 +190,8 @@ def conv_path(kernel: str, scale, shift, act: str, weight: torch.Tensor, groups:
             kernel = "fused"
         else:
             kernel = "tiles" if weight.shape[0] <= TILES_MAX_COUT else "cudnn"
-    if kernel == "fused" and num_parts > 2:
-        return "tiles"  # the windows of the parts concatenated, one input of the fused kernel
+    if kernel in ("fused", "window") and num_parts > 2:
+        return "tiles"  # the windows of the parts concatenated, one input of the kernel
     return kernel
 
 

@@ -110,16 +110,18 @@ def test_sparse_conv_on_cuda_without_host_sync(dtype, atol, rtol):
     torch.testing.assert_close(out[:, :, mask], dense[:, :, mask], atol=atol * 10, rtol=rtol * 10)
 
 
+@pytest.mark.parametrize("window", [False, True], ids=["per-tap", "window"])
 @pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES)
 @pytest.mark.parametrize(
     "c1, c2, co, k, stride, up",
     [(64, 0, 128, 3, 1, 1), (96, 64, 64, 3, 1, 1), (128, 0, 64, 1, 1, 1), (32, 0, 48, 3, 2, 1),
      (64, 32, 64, 3, 1, 2)],
 )  # fmt: skip
-def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, atol, rtol):
+def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, atol, rtol,
+                                             window):  # fmt: skip
     """Fused tile conv with the launch heuristic's blocks, channels-last, capacity padding, a
     norm + SiLU prologue and a residual; no host sync. ``up``: the inputs read through a
-    nearest upsampling (``upsample``)."""
+    nearest upsampling (``upsample``); ``window``: the window conv (``stage_windows``)."""
     cl = torch.channels_last
     parts = [torch.randn(2, c, 40 // up, 36 // up) for c in (c1, c2) if c]
     weight = torch.randn(co, c1 + c2, k, k) / ((c1 + c2) * k * k) ** 0.5
@@ -143,7 +145,8 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, a
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        torch.ops.sigec.tile_conv(got, gparts, *gargs, check_values=False, upsample=up)
+        torch.ops.sigec.tile_conv(got, gparts, *gargs, check_values=False, upsample=up,
+                                  stage_windows=window)  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode(0)
     tol = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
@@ -151,10 +154,11 @@ def test_tile_conv_on_cuda_matches_reference(c1, c2, co, k, stride, up, dtype, a
 
 
 @pytest.mark.parametrize("split", [1, 4, 7])
-@pytest.mark.parametrize("input_tiles", [False, True], ids=["map", "tiles"])
-def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles, split):
+@pytest.mark.parametrize("path", ["map", "tiles", "window"])
+def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(path, split):
     """A long reduction over few tiles (320 + 320 channels, 3x3), read from the map with the
-    prologue in the kernel or from gather's windows with the prologue applied there, its
+    prologue in the kernel (per tap, or once per staged window pixel: ``window``) or from
+    gather's windows with the prologue applied there, its
     reduction split over ``split`` programs; captured in a CUDA graph and replayed three times
     with new tiles each time: every replay equals the reference, and the split-K workspace and
     counters are zero again after each."""
@@ -177,7 +181,7 @@ def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles, split
     out = torch.zeros(2, 320, 32, 32, device="cuda", dtype=dt).contiguous(memory_format=cl)
 
     def run():
-        if input_tiles:
+        if path == "tiles":
             windows = gather_parts(gather, parts, in_c, 8, 8, scale, shift, "silu", 0.01, count,
                                    concat=False)  # fmt: skip
             tile_conv_triton(out, windows, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
@@ -186,7 +190,7 @@ def test_tile_conv_split_k_and_tile_inputs_in_a_graph_on_cuda(input_tiles, split
         else:
             tile_conv_triton(out, parts, weight, bias, in_c, out_c, 6, 6, [1, 1], [1, 1],
                              scale, shift, "silu", 0.01, residual, count, check_values=False,
-                             split_k=split)  # fmt: skip
+                             split_k=split, stage_windows=path == "window")  # fmt: skip
 
     run()  # compile outside the capture
     torch.cuda.synchronize()
@@ -245,6 +249,7 @@ def test_tile_conv_split_k_matches_unsplit_on_cuda(seed):
     mask = blob_mask(res, res, rng.choice([0.01, 0.02, 0.05, 0.1]), seed=seed, device="cuda")
     ts = active_tiles(mask, k, 1, k // 2, 6 if k == 3 else 4, capacity=64)
     split = rng.choice([2, 3, 4, 8, 16])
+    window = not tiled and rng.random() < 0.5  # the window conv (prologue once per pixel)
     out = torch.zeros(n, co, res, res, device="cuda", dtype=dt).contiguous(memory_format=cl)
 
     def run(split_k):
@@ -259,7 +264,8 @@ def test_tile_conv_split_k_matches_unsplit_on_cuda(seed):
         else:
             tile_conv_triton(out, parts, weight, bias, ts.in_corners, ts.out_corners,
                              *ts.out_tile, [1, 1], [1, 1], scale, shift, act, 0.01, residual,
-                             ts.num_active, check_values=False, split_k=split_k)  # fmt: skip
+                             ts.num_active, check_values=False, split_k=split_k,
+                             stage_windows=window)  # fmt: skip
         return out.float().clone()
 
     want = run(1)

@@ -321,3 +321,62 @@ def test_input_tiles_misuse_is_a_typed_error():
         tile_conv(parts=windows, activation="silu", **base)
     with pytest.raises(ValueError, match="split_k"):
         tile_conv(parts=windows, split_k=-1, **base)
+
+
+@pytest.mark.parametrize(
+    "k,stride,dilation,tile,pad_mode,up",
+    [(3, 1, 1, 4, "zeros", 1), (3, 2, 1, 4, "zeros", 1), (3, 1, 2, 3, "zeros", 1),
+     (1, 1, 1, 4, "zeros", 1), (3, 1, 1, 5, "reflect", 1), (3, 1, 1, 4, "zeros", 2)],
+    ids=["3x3", "3x3-stride2", "3x3-dilated-3x3tiles", "1x1", "reflect-5x5tiles", "upsampled"],
+)  # fmt: skip
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-2)])
+def test_window_conv_equals_the_reference(k, stride, dilation, tile, pad_mode, up, split, dtype,
+                                          atol):  # fmt: skip
+    """``stage_windows=True``: the window conv (prologue once per staged input pixel, then the
+    taps, one launch) equals the reference with two parts, norm + SiLU prologue, residual,
+    capacity rows past the count, folded pads, an upsampled input and split-K (contiguous step
+    slices that cross channel blocks and the boundary between the parts)."""
+    from sigec.kernels.conv import split_k_workspace
+
+    pad = dilation * (k - 1) // 2
+    x, weight, bias, ts, shape, _ = _setup(cin=7, cout=5, h=11 * up, w=9 * up, k=k,
+                                           stride=stride, padding=pad, dilation=dilation,
+                                           tile=tile, dtype=dtype, seed=11)  # fmt: skip
+    x = x[:, :, ::up, ::up].contiguous()  # read as its upsampling by ``up``
+    g = torch.Generator().manual_seed(6)
+    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
+    weight = torch.cat([weight, torch.randn(5, 4, k, k, generator=g).to(dtype) / 6], dim=1)
+    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
+    shift = torch.randn(x.shape[0], 11, generator=g)
+    residual = torch.randn(shape, generator=g).to(dtype)
+    m = ts.out_corners.shape[0]
+    filler = torch.tensor([[-100, -100]] * 5, dtype=torch.int32)  # never read: past the count
+    in_c, out_c = torch.cat([ts.in_corners, filler]), torch.cat([ts.out_corners, filler])
+    count = torch.tensor([m], dtype=torch.int32)
+    args = ([x, x2], weight, bias, in_c, out_c, *ts.out_tile, [stride] * 2, [dilation] * 2,
+            scale, shift, "silu", 0.01, residual, count)  # fmt: skip
+    want = torch.full(shape, 5.0, dtype=dtype)
+    tile_conv_reference(want, *args, pad_mode=pad_mode, upsample=up)
+    got = torch.full(shape, 5.0, dtype=dtype)
+    tile_conv_triton(got, *args, check_values=False, pad_mode=pad_mode, upsample=up,
+                     split_k=split, blocks=(32, 8, 4, 4, 1), stage_windows=True)  # fmt: skip
+    torch.testing.assert_close(got.float(), want.float(), rtol=atol, atol=atol)
+    assert torch.equal(got == 5.0, want == 5.0)  # untouched pixels stay untouched
+    ws, locks = split_k_workspace(got.device)
+    assert not ws.any() and not locks.any()
+
+
+def test_window_conv_rows_and_misuse():
+    """Whole tiles per program (at least one, rows rounded to a power of two); the window conv
+    reads maps, not gathered windows."""
+    from sigec.kernels.window_conv import window_rows
+
+    assert window_rows(4, 4, 64) == (4, 64)
+    assert window_rows(3, 3, 32) == (3, 32)  # 27 rows in a block of 32
+    assert window_rows(8, 8, 32) == (1, 64)  # one tile larger than the asked rows
+    x, weight, bias, ts, shape, _ = _setup(seed=7)
+    windows = _windows([x], ts, 3, 1, 1, None, None, "identity")
+    with pytest.raises(ValueError, match="stage_windows"):
+        tile_conv(torch.zeros(shape), windows, weight, bias, ts.in_corners, ts.out_corners,
+                  *ts.out_tile, [1, 1], [1, 1], input_tiles=True, stage_windows=True)  # fmt: skip
