@@ -69,9 +69,11 @@ def test_token_net_exact_equals_dense(mask_name):
 
 
 def test_exact_self_attention_updates_keys_only_where_tokens_changed():
+    """kv_projection="tiles": the key / value projections run on the changed tokens only."""
     torch.manual_seed(0)
     model, x = TokenNet().eval(), torch.randn(1, 3, 16, 16)
-    engine = sigec.compile(model, (x,), config=EXACT)
+    config = sigec.SparseConfig(**{**EXACT.__dict__, "kv_projection": "tiles"})
+    engine = sigec.compile(model, (x,), config=config)
     engine.record(x)
     mask = edit_masks(16, 16)["pixel"]
     engine.edit(apply_edit(x, mask, seed=1), mask=mask)
