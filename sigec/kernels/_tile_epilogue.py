@@ -93,3 +93,30 @@ def _write_tile(
         acc += res.to(tl.float32)
     dst = out_ptr + n * stride_on + co64 * stride_oc + oy64 * stride_oh
     tl.store(dst + ox64 * stride_ow, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish_block(
+    acc, out_ptr, bias_ptr, res_ptr, ws_ptr, lock_ptr, n, pid_m, pid_n, oy, ox, row_ok, offs_n,
+    n_ok, HO, WO,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    stride_rn, stride_rc, stride_rh, stride_rw,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The end of a program: with split-K its partial sum goes into the block's workspace and
+    the program that adds the last one writes the block; without, the program writes it."""
+    if SPLIT > 1:
+        block = (n * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
+        arrived = _split_k_add(acc, ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
+        if arrived == SPLIT - 1:
+            acc = _split_k_take(ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
+            _write_tile(acc, out_ptr, bias_ptr, res_ptr, n, oy, ox, row_ok, offs_n, n_ok, HO,
+                        WO, stride_on, stride_oc, stride_oh, stride_ow,
+                        stride_rn, stride_rc, stride_rh, stride_rw,
+                        HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
+    else:
+        _write_tile(acc, out_ptr, bias_ptr, res_ptr, n, oy, ox, row_ok, offs_n, n_ok, HO, WO,
+                    stride_on, stride_oc, stride_oh, stride_ow,
+                    stride_rn, stride_rc, stride_rh, stride_rw,
+                    HAS_BIAS, HAS_RESIDUAL)  # fmt: skip

@@ -59,13 +59,11 @@ from sigec.kernels._tile_epilogue import (  # noqa: F401  (split_k_*: the public
     SPLIT_K_BLOCK_ELEMS,
     SPLIT_K_BLOCKS,
     SPLIT_K_MAX,
-    _split_k_add,
-    _split_k_take,
-    _write_tile,
+    _finish_block,
     split_k_for,
     split_k_workspace,
 )
-from sigec.kernels.gather import _activate, _remap, gather_parts, gather_reference
+from sigec.kernels.gather import _activate, _source_pixel, gather_parts, gather_reference
 from sigec.kernels.scatter import scatter_reference
 from sigec.kernels.window_conv import launch_window_conv, window_rows
 
@@ -97,15 +95,7 @@ def _accumulate_part(
         kx = tap % KW
         y = iy + ky * DIL_H
         x = ix + kx * DIL_W
-        if PAD_MODE == 0:
-            inside = row_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        else:  # a folded reflection / replicate pad: every tap reads a pixel of the map
-            inside = row_ok
-            y = _remap(y, H, PAD_MODE)
-            x = _remap(x, W, PAD_MODE)
-        if UP > 1:  # H, W are the upsampled map's; read its source pixel
-            y = tl.maximum(y, 0) // UP
-            x = tl.maximum(x, 0) // UP
+        y, x, inside = _source_pixel(y, x, row_ok, H, W, PAD_MODE, UP)
         c_ok = c < C
         base = x_ptr + x_off + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
         a = tl.load(base[:, None] + c[None, :] * stride_xc,
@@ -213,16 +203,11 @@ def _tile_conv_kernel(
             HAS_SCALE, HAS_SHIFT, ACT, IEEE, BLOCK_K, PAD_MODE, UP, SPLIT,
         )  # fmt: skip
 
-    if SPLIT > 1:  # split-K: the program that adds the last partial sum writes the block
-        block = (n * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
-        arrived = _split_k_add(acc, ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
-        if arrived != SPLIT - 1:
-            return
-        acc = _split_k_take(ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
-    _write_tile(acc, out_ptr, bias_ptr, res_ptr, n, oy, ox, row_ok, offs_n, n_ok, HO, WO,
-                stride_on, stride_oc, stride_oh, stride_ow,
-                stride_rn, stride_rc, stride_rh, stride_rw,
-                HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
+    _finish_block(acc, out_ptr, bias_ptr, res_ptr, ws_ptr, lock_ptr, n, pid_m, pid_n, oy, ox,
+                  row_ok, offs_n, n_ok, HO, WO,
+                  stride_on, stride_oc, stride_oh, stride_ow,
+                  stride_rn, stride_rc, stride_rh, stride_rw,
+                  HAS_BIAS, HAS_RESIDUAL, SPLIT, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def tile_conv_reference(

@@ -76,6 +76,24 @@ def _remap(i, n, PAD_MODE: tl.constexpr):
     return tl.minimum(tl.maximum(i, 0), n - 1)
 
 
+@triton.jit
+def _source_pixel(y, x, ok, H, W, PAD_MODE: tl.constexpr, UP: tl.constexpr):
+    """``(y, x, inside)``: the pixel of the map that window pixel ``(y, x)`` (of rows ``ok``)
+    reads. Outside the map it reads zero (``inside`` False), or with a folded reflection /
+    replicate pad the reflected / nearest pixel; with ``UP > 1``, ``H, W`` are the nearest
+    upsampling's and the source pixel is returned."""
+    if PAD_MODE == 0:
+        inside = ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    else:  # a folded pad: every pixel reads one of the map
+        inside = ok
+        y = _remap(y, H, PAD_MODE)
+        x = _remap(x, W, PAD_MODE)
+    if UP > 1:
+        y = tl.maximum(y, 0) // UP
+        x = tl.maximum(x, 0) // UP
+    return y, x, inside
+
+
 @triton.jit(do_not_specialize=CAPACITY)
 def _gather_kernel(
     # pointers
@@ -109,17 +127,9 @@ def _gather_kernel(
     # -- tile position; pixels outside the map (or of a padding tile) read as zero
     y = tl.load(corners_ptr + 2 * m) + dy
     x = tl.load(corners_ptr + 2 * m + 1) + dx
-    if PAD_MODE == 0:
-        inside = p_ok & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    else:  # a folded reflection / replicate pad: every pixel reads one of the map
-        inside = p_ok
-        y = _remap(y, H, PAD_MODE)
-        x = _remap(x, W, PAD_MODE)
+    y, x, inside = _source_pixel(y, x, p_ok, H, W, PAD_MODE, UP)
     if HAS_COUNT:
         inside = inside & (m < tl.load(count_ptr))
-    if UP > 1:  # H, W are the upsampled map's; read its source pixel
-        y = tl.maximum(y, 0) // UP
-        x = tl.maximum(x, 0) // UP
 
     # -- load [BLOCK_C, BLOCK_P]
     src = (

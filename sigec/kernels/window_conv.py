@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from sigec.kernels._common import CAPACITY, launch
-from sigec.kernels._tile_epilogue import _split_k_add, _split_k_take, _write_tile
-from sigec.kernels.gather import _activate, _remap
+from sigec.kernels._tile_epilogue import _finish_block
+from sigec.kernels.gather import _activate, _source_pixel
 
 
 @triton.jit
@@ -59,15 +59,7 @@ def _stage(
         real = (q < T * WQ) & (m < active)
         y = tl.load(in_c_ptr + 2 * m, mask=real, other=0) + wq // WW
         x = tl.load(in_c_ptr + 2 * m + 1, mask=real, other=0) + wq % WW
-        if PAD_MODE == 0:
-            inside = real & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        else:  # a folded reflection / replicate pad: every pixel reads one of the map
-            inside = real
-            y = _remap(y, H, PAD_MODE)
-            x = _remap(x, W, PAD_MODE)
-        if UP > 1:  # H, W are the upsampled map's; read its source pixel
-            y = tl.maximum(y, 0) // UP
-            x = tl.maximum(x, 0) // UP
+        y, x, inside = _source_pixel(y, x, real, H, W, PAD_MODE, UP)
         ok = inside[:, None] & c_ok[None, :]
         base = x_ptr + x_off + y.to(tl.int64) * stride_xh + x.to(tl.int64) * stride_xw
         a = tl.load(base[:, None] + c[None, :] * stride_xc, mask=ok, other=0.0)
@@ -203,16 +195,11 @@ def _window_conv_kernel(
             HAS_SCALE, HAS_SHIFT, ACT, IEEE, PAD_MODE, UP, BLOCK_K, STAGE,
         )  # fmt: skip
 
-    if SPLIT > 1:  # split-K: the program that adds the last partial sum writes the block
-        block = (n * tl.num_programs(0) + pid_m) * tl.num_programs(1) + pid_n
-        arrived = _split_k_add(acc, ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
-        if arrived != SPLIT - 1:
-            return
-        acc = _split_k_take(ws_ptr, lock_ptr, block, BLOCK_M, BLOCK_N)
-    _write_tile(acc, out_ptr, bias_ptr, res_ptr, n, oy, ox, row_ok, offs_n, n_ok, HO, WO,
-                stride_on, stride_oc, stride_oh, stride_ow,
-                stride_rn, stride_rc, stride_rh, stride_rw,
-                HAS_BIAS, HAS_RESIDUAL)  # fmt: skip
+    _finish_block(acc, out_ptr, bias_ptr, res_ptr, ws_ptr, lock_ptr, n, pid_m, pid_n, oy, ox,
+                  row_ok, offs_n, n_ok, HO, WO,
+                  stride_on, stride_oc, stride_oh, stride_ow,
+                  stride_rn, stride_rc, stride_rh, stride_rw,
+                  HAS_BIAS, HAS_RESIDUAL, SPLIT, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def window_rows(tile_h: int, tile_w: int, block_m: int) -> tuple[int, int]:

@@ -25,6 +25,17 @@ def _setup(n=2, cin=5, cout=6, h=11, w=9, k=3, stride=1, padding=1, dilation=1, 
     return x, weight, bias, ts, (n, cout, ho, wo), mask
 
 
+def _second_part(x, weight, shape, k, dtype, seed):
+    """A 4-channel second input part (a skip concat) with its weights appended, the norm's
+    scale / shift over all 11 input channels, and a residual map."""
+    g = torch.Generator().manual_seed(seed)
+    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
+    weight = torch.cat([weight, torch.randn(5, 4, k, k, generator=g).to(dtype) / 6], dim=1)
+    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
+    shift = torch.randn(x.shape[0], 11, generator=g)
+    return x2, weight, scale, shift, torch.randn(shape, generator=g).to(dtype)
+
+
 @pytest.mark.parametrize(
     "k,stride,padding,dilation",
     [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 1, 1), (3, 1, 2, 2), (1, 1, 1, 1)],
@@ -64,12 +75,7 @@ def test_triton_equals_reference(k, stride, padding, dilation):
 def test_fused_concat_prologue_residual_and_capacity(dtype, atol):
     """Two parts (a decoder's skip concat), norm + SiLU prologue, residual, padding rows."""
     x, weight, bias, ts, shape, _ = _setup(cin=7, cout=5, dtype=dtype, seed=5)
-    g = torch.Generator().manual_seed(1)
-    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
-    weight = torch.cat([weight, torch.randn(5, 4, 3, 3, generator=g).to(dtype) / 6], dim=1)
-    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
-    shift = torch.randn(x.shape[0], 11, generator=g)
-    residual = torch.randn(shape, generator=g).to(dtype)
+    x2, weight, scale, shift, residual = _second_part(x, weight, shape, 3, dtype, 1)
     m = ts.out_corners.shape[0]
     pad = torch.tensor([[-100, -100]] * 3, dtype=torch.int32)  # never read: rows past the count
     in_c, out_c = torch.cat([ts.in_corners, pad]), torch.cat([ts.out_corners, pad])
@@ -241,12 +247,7 @@ def test_conv_on_gathered_tiles_equals_the_fused_prologue(k, stride, dilation, d
     pad = dilation * (k - 1) // 2
     x, weight, bias, ts, shape, _ = _setup(cin=7, cout=5, k=k, stride=stride, padding=pad,
                                            dilation=dilation, dtype=dtype, seed=8)  # fmt: skip
-    g = torch.Generator().manual_seed(2)
-    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
-    weight = torch.cat([weight, torch.randn(5, 4, k, k, generator=g).to(dtype) / 6], dim=1)
-    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
-    shift = torch.randn(x.shape[0], 11, generator=g)
-    residual = torch.randn(shape, generator=g).to(dtype)
+    x2, weight, scale, shift, residual = _second_part(x, weight, shape, k, dtype, 2)
     m = ts.out_corners.shape[0]
     filler = torch.tensor([[-100, -100]] * 2, dtype=torch.int32)
     in_c, out_c = torch.cat([ts.in_corners, filler]), torch.cat([ts.out_corners, filler])
@@ -344,12 +345,7 @@ def test_window_conv_equals_the_reference(k, stride, dilation, tile, pad_mode, u
                                            stride=stride, padding=pad, dilation=dilation,
                                            tile=tile, dtype=dtype, seed=11)  # fmt: skip
     x = x[:, :, ::up, ::up].contiguous()  # read as its upsampling by ``up``
-    g = torch.Generator().manual_seed(6)
-    x2 = torch.randn(x.shape[0], 4, *x.shape[2:], generator=g).to(dtype)
-    weight = torch.cat([weight, torch.randn(5, 4, k, k, generator=g).to(dtype) / 6], dim=1)
-    scale = torch.rand(x.shape[0], 11, generator=g) + 0.5
-    shift = torch.randn(x.shape[0], 11, generator=g)
-    residual = torch.randn(shape, generator=g).to(dtype)
+    x2, weight, scale, shift, residual = _second_part(x, weight, shape, k, dtype, 6)
     m = ts.out_corners.shape[0]
     filler = torch.tensor([[-100, -100]] * 5, dtype=torch.int32)  # never read: past the count
     in_c, out_c = torch.cat([ts.in_corners, filler]), torch.cat([ts.out_corners, filler])
