@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 MASK_POLICIES = ("truncated", "exact")
@@ -168,6 +168,9 @@ class SparseConfig:
                 )
         if not isinstance(self.compile_workers, int) or self.compile_workers < 0:
             raise ValueError(f"compile_workers: expected an int >= 0, got {self.compile_workers!r}")
+        for f in fields(self):  # switches: a string such as "no" must not read as True
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise TypeError(f"{f.name}: expected True or False, got {getattr(self, f.name)!r}")
         if self.conv_kernel not in CONV_KERNELS:
             raise ValueError(
                 f"conv_kernel: expected one of {CONV_KERNELS}, got {self.conv_kernel!r}"

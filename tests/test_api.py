@@ -646,6 +646,15 @@ def test_bad_config_values_are_refused_with_the_choices(field, value, words):
         sigec.SparseConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["low_res_tiles", "fit_tiles", "cuda_graphs", "channels_last"])
+def test_switches_must_be_booleans(field):
+    """A switch given as a string or a number (``--set low_res_tiles=yes``) is refused."""
+    for value in ("yes", "False", 1):
+        with pytest.raises(TypeError, match=f"{field}: expected True or False"):
+            sigec.SparseConfig(**{field: value})
+    assert getattr(sigec.SparseConfig(**{field: False}), field) is False
+
+
 def test_auto_conv_kernel_follows_the_measured_rule():
     """conv_kernel="auto": fused without a prologue and with a short reduction, the conv on
     gathered windows for the others up to 320 output channels, else cuDNN (docs/results.md,
