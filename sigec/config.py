@@ -65,8 +65,9 @@ class SparseConfig:
             map cover 12x12): fewer MACs at the lowest resolutions.
         low_res_tiles: (off by default) cap a conv's tile at an eighth of its map's smaller side
             (at least 2): 4x4 tiles on 32x32 maps, 2x2 on 16x16 and 8x8, where a 6x6 tile covers
-            up to a quarter of the map; the tiles follow the edit more closely there. SD 1.5
-            512x512 at a 1.2 % edit: 9.2x instead of 6.3x fewer MACs than dense (CPU count,
+            up to a quarter of the map; the tiles follow the edit more closely there. The tiles
+            of ops without a conv ("pointwise") are capped the same way (``pointwise_tile``). SD 1.5
+            512x512 at a 1.2 % edit: 9.5x instead of 6.3x fewer MACs than dense (CPU count,
             docs/results.md); its GPU time is not measured yet, hence off.
         channels_last: keep every cached and working map in channels-last memory format (cuDNN's
             native fp16 layout: the convolutions on tiles need no layout conversion; measured
@@ -214,6 +215,18 @@ class SparseConfig:
         if cover(tile) <= 1.3:
             return tile
         return max(t for t in range(1, tile + 1) if cover(t) <= 1.3)
+
+    def pointwise_tile(self, res, factor: int = 1) -> int:
+        """Tile size of ops on tiles without a conv (elementwise, upsampling by ``factor``,
+        token-wise) on a map of resolution ``res``: ``block_size["pointwise"]``, with
+        ``low_res_tiles`` capped like a conv's to a multiple of ``factor`` where one fits."""
+        tile = self.block_size["pointwise"]
+        if self.low_res_tiles and res is not None:
+            cap = max(2, min(res) // 8)
+            cap -= cap % factor
+            if 0 < cap < tile:
+                tile = cap
+        return tile
 
     def tile_for_kernel(self, kh: int, kw: int) -> int:
         """Output tile size for a conv with this kernel."""

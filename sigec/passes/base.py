@@ -52,7 +52,7 @@ class PassContext:
     def request(self, node_name: str, res, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
                 tile=None, in_scale=1, transposed=False) -> str:  # fmt: skip
         """Register the tile list that the op writing map ``node_name`` needs; return its key."""
-        t = tile if tile is not None else self.config.block_size["pointwise"]
+        t = tile if tile is not None else self.config.pointwise_tile(res, in_scale)
         mask = node_name if self.config.mask_policy == "exact" else tuple(res)
         req = TileRequest(mask, tuple(kernel), tuple(stride), tuple(padding), (t, t), in_scale,
                           transposed)  # fmt: skip

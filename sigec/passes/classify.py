@@ -87,12 +87,12 @@ def _norm(node, ni, config):
 
 def _upsample(node, ni, config):
     f = upsample_factor(node)
-    if f is not None and config.block_size["pointwise"] % f == 0:
+    if f is not None and config.pointwise_tile(ni.resolution, f) % f == 0:
         return "upsample", SPARSE, ""
     if f is not None:
         return "resample", "dense", (
             f"nearest upsampling by {f} does not divide the pointwise tile size "
-            f"({config.block_size['pointwise']}): runs dense; set "
+            f"({config.pointwise_tile(ni.resolution, f)}): runs dense; set "
             "SparseConfig(block_size={'pointwise': ...}) to a multiple of the factor")  # fmt: skip
     return "resample", "dense", (
         "nearest resampling by a non-integer or downsampling factor: runs dense")  # fmt: skip
