@@ -15,8 +15,11 @@ dense model is timed on the same edited input right after it. Reported: per-edit
 p50 / p95 / max of both, the speedup at p50, each edit against its size class's repeated-mask
 time (the same edit replayed: what the suite measures), graphs held and captured during edits,
 commit time, peak memory, cache bytes, PSNR of the last edit against the dense model on the
-final image. ``--slots`` records more slots on the warmed engine (per-slot set-up time), and a
-second process repeats compile + warm-up with the disk caches this one filled (``--warm-only``).
+final image. ``--variant KEY=VALUE[,KEY=VALUE]`` runs the same session again on other
+SparseConfig changes in the same process, beside the same dense baseline (results under
+"variants": a comparison free of the few % the baseline moves between processes and cards).
+``--slots`` records more slots on the warmed engine (per-slot set-up time), and a second
+process repeats compile + warm-up with the disk caches this one filled (``--warm-only``).
 Never asserts; never run by the tests. Runs on the CPU too (tiny models, no compiled baseline),
 for a smoke test of the script itself.
 """
@@ -140,84 +143,18 @@ def run_model(name: str, args) -> dict:
                                                device)  # fmt: skip
         print(name, {k: v for k, v in out.items() if k.startswith("dense")}, flush=True)
 
-        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-        engine, compile_s, record_s = build_engine(name, model, inputs, kwargs, overrides)
-        st = engine.stats()
-        out["sigec"] = {"compile_s": round(compile_s, 2),
-                        "record_with_warmup_s": round(record_s, 2), "warmup": st["warmup"],
-                        "cache_bytes": st["cache_bytes"],
-                        "live_bytes": st["live_bytes"]}  # fmt: skip
-        print(name, "sigec", out["sigec"]["compile_s"], record_s, flush=True)
-
-        # the session
-        h, w = x0.shape[-2:]
-        session = edit_sequence(h, w, args.edits, seed=args.seed, fractions=tuple(args.area))
-        current = x0
-        rows, sig, den = [], [], []
-        first = None
-        for e in session:
-            mask = e["mask"].to(device)
-            xe = edited(name, current, mask, args.seed * 1000 + e["index"])
-            ms, got = wall_ms(lambda xe=xe, mask=mask: engine.edit(xe, *rest, mask=mask,
-                                                                   **kwargs), device)  # fmt: skip
-            st = engine.stats()
-            row = {"index": e["index"], "kind": e["kind"], "fraction": round(e["fraction"], 5),
-                   "area": round(float(mask.float().mean()), 5), "edit_ms": round(ms, 4),
-                   "size_class": st["size_class"], "ran_dense": st["ran_dense"],
-                   "macs_ratio": round(st["macs_ratio"], 3) if st["macs_ratio"] else None,
-                   "commit": e["commit"]}  # fmt: skip
-            if first is None:
-                first = row["edit_ms"]
-            if compiled is not None:
-                row["dense_compiled_ms"] = round(wall_ms(lambda xe=xe: compiled(xe, *rest,
-                                                 **kwargs), device)[0], 4)  # fmt: skip
-                den.append(row["dense_compiled_ms"])
-            if e["commit"]:
-                row["commit_ms"] = round(wall_ms(engine.commit, device)[0], 4)
-                current = xe
-            last_got, last_x = _sample(got), xe
-            sig.append(row["edit_ms"])
-            rows.append(row)
-        res = {"first_edit_ms": first, "edit_ms": summary(sig), "rows": rows}
-        commits = [r["commit_ms"] for r in rows if "commit_ms" in r]
-        res["commit_ms"] = summary(commits) if commits else None
-        if den:
-            res["dense_compiled_per_edit_ms"] = summary(den)
-            res["speedup_p50"] = round(pct(den, 0.5) / pct(sig, 0.5), 3)
-            ratios = [d / s for d, s in zip(den, sig, strict=True)]
-            res["speedup_per_edit"] = {"min": round(min(ratios), 3),
-                                       "p05": round(pct(ratios, 0.05), 3),
-                                       "p50": round(pct(ratios, 0.5), 3)}  # fmt: skip
-        # each size class the session used, its first edit replayed (the repeated-mask time)
-        repeated = {}
-        for e, row in zip(session, rows, strict=True):
-            s = row["size_class"]
-            if s in repeated:
-                continue
-            mask = e["mask"].to(device)
-            xe = edited(name, current, mask, 7)
-            repeated[s] = round(time_ms(lambda xe=xe, mask=mask: engine.edit(
-                xe, *rest, mask=mask, **kwargs), 2, 10, device), 4)  # fmt: skip
-        res["repeated_mask_ms_by_class"] = repeated
-        if device.type == "cuda":  # where the median edit's time goes (its class replayed)
-            median = sorted(rows, key=lambda r: r["edit_ms"])[len(rows) // 2]
-            e = session[median["index"]]
-            mask = e["mask"].to(device)
-            xe = edited(name, current, mask, 7)
-            res["breakdown_ms"] = breakdown(
-                engine, lambda: engine.edit(xe, *rest, mask=mask, **kwargs), device
-            )
-        rel = [r["edit_ms"] / repeated[r["size_class"]] for r in rows]
-        res["edit_vs_repeated"] = {"p50": round(pct(rel, 0.5), 3), "p95": round(pct(rel, 0.95), 3),
-                                   "max": round(max(rel), 3)}  # fmt: skip
-        # fidelity of the last session edit against the dense model on the same input
-        want = _sample(dense(last_x))
-        res["psnr_last_edit_db"] = round(psnr(last_got.float(), want.float()), 2)
-        st = engine.stats()
-        res["graphs"] = st["graphs"]
-        res["class_use"] = {str(s): sum(r["size_class"] == s for r in rows) for s in repeated}
-        out["session"] = res
-        print(name, "session", {k: v for k, v in res.items() if k != "rows"}, flush=True)
+        info, res, engine, record_s = sigec_session(name, model, inputs, kwargs, overrides, args,
+                                                    device, dense, compiled)  # fmt: skip
+        out["sigec"], out["session"] = info, res
+        for variant in args.variant:  # the same session on other configurations, same baseline
+            changes = {**overrides, **dict(variant)}
+            v_info, v_res, v_engine, _ = sigec_session(name, model, inputs, kwargs, changes, args,
+                                                       device, dense, compiled)  # fmt: skip
+            out.setdefault("variants", []).append({"overrides": sorted(changes.items()),
+                                                   "sigec": v_info, "session": v_res})  # fmt: skip
+            del v_engine
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
         # per-slot set-up on the warmed engine (one slot per timestep of a trajectory)
         if args.slots:
@@ -238,6 +175,91 @@ def run_model(name: str, args) -> dict:
         if device.type == "cuda":
             out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
+
+
+def sigec_session(name, model, inputs, kwargs, overrides, args, device, dense, compiled):
+    """Compile, record (with warm-up) and run the seeded session on one sigec configuration,
+    timing the compiled dense model on every edited input beside it; returns (compile and
+    warm-up report, session results, engine, record seconds)."""
+    x0, rest = inputs[0], inputs[1:]
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    engine, compile_s, record_s = build_engine(name, model, inputs, kwargs, overrides)
+    st = engine.stats()
+    info = {"compile_s": round(compile_s, 2),
+                    "record_with_warmup_s": round(record_s, 2), "warmup": st["warmup"],
+                    "cache_bytes": st["cache_bytes"],
+                    "live_bytes": st["live_bytes"]}  # fmt: skip
+    print(name, "sigec", info["compile_s"], record_s, flush=True)
+
+    # the session
+    h, w = x0.shape[-2:]
+    session = edit_sequence(h, w, args.edits, seed=args.seed, fractions=tuple(args.area))
+    current = x0
+    rows, sig, den = [], [], []
+    first = None
+    for e in session:
+        mask = e["mask"].to(device)
+        xe = edited(name, current, mask, args.seed * 1000 + e["index"])
+        ms, got = wall_ms(lambda xe=xe, mask=mask: engine.edit(xe, *rest, mask=mask,
+                                                               **kwargs), device)  # fmt: skip
+        st = engine.stats()
+        row = {"index": e["index"], "kind": e["kind"], "fraction": round(e["fraction"], 5),
+               "area": round(float(mask.float().mean()), 5), "edit_ms": round(ms, 4),
+               "size_class": st["size_class"], "ran_dense": st["ran_dense"],
+               "macs_ratio": round(st["macs_ratio"], 3) if st["macs_ratio"] else None,
+               "commit": e["commit"]}  # fmt: skip
+        if first is None:
+            first = row["edit_ms"]
+        if compiled is not None:
+            row["dense_compiled_ms"] = round(wall_ms(lambda xe=xe: compiled(xe, *rest,
+                                             **kwargs), device)[0], 4)  # fmt: skip
+            den.append(row["dense_compiled_ms"])
+        if e["commit"]:
+            row["commit_ms"] = round(wall_ms(engine.commit, device)[0], 4)
+            current = xe
+        last_got, last_x = _sample(got), xe
+        sig.append(row["edit_ms"])
+        rows.append(row)
+    res = {"first_edit_ms": first, "edit_ms": summary(sig), "rows": rows}
+    commits = [r["commit_ms"] for r in rows if "commit_ms" in r]
+    res["commit_ms"] = summary(commits) if commits else None
+    if den:
+        res["dense_compiled_per_edit_ms"] = summary(den)
+        res["speedup_p50"] = round(pct(den, 0.5) / pct(sig, 0.5), 3)
+        ratios = [d / s for d, s in zip(den, sig, strict=True)]
+        res["speedup_per_edit"] = {"min": round(min(ratios), 3),
+                                   "p05": round(pct(ratios, 0.05), 3),
+                                   "p50": round(pct(ratios, 0.5), 3)}  # fmt: skip
+    # each size class the session used, its first edit replayed (the repeated-mask time)
+    repeated = {}
+    for e, row in zip(session, rows, strict=True):
+        s = row["size_class"]
+        if s in repeated:
+            continue
+        mask = e["mask"].to(device)
+        xe = edited(name, current, mask, 7)
+        repeated[s] = round(time_ms(lambda xe=xe, mask=mask: engine.edit(
+            xe, *rest, mask=mask, **kwargs), 2, 10, device), 4)  # fmt: skip
+    res["repeated_mask_ms_by_class"] = repeated
+    if device.type == "cuda":  # where the median edit's time goes (its class replayed)
+        median = sorted(rows, key=lambda r: r["edit_ms"])[len(rows) // 2]
+        e = session[median["index"]]
+        mask = e["mask"].to(device)
+        xe = edited(name, current, mask, 7)
+        res["breakdown_ms"] = breakdown(
+            engine, lambda: engine.edit(xe, *rest, mask=mask, **kwargs), device
+        )
+    rel = [r["edit_ms"] / repeated[r["size_class"]] for r in rows]
+    res["edit_vs_repeated"] = {"p50": round(pct(rel, 0.5), 3), "p95": round(pct(rel, 0.95), 3),
+                               "max": round(max(rel), 3)}  # fmt: skip
+    # fidelity of the last session edit against the dense model on the same input
+    want = _sample(dense(last_x))
+    res["psnr_last_edit_db"] = round(psnr(last_got.float(), want.float()), 2)
+    st = engine.stats()
+    res["graphs"] = st["graphs"]
+    res["class_use"] = {str(s): sum(r["size_class"] == s for r in rows) for s in repeated}
+    print(name, "session", {k: v for k, v in res.items() if k != "rows"}, flush=True)
+    return info, res, engine, record_s
 
 
 def breakdown(engine, fn, device) -> dict:
@@ -287,6 +309,11 @@ def _second_process(name: str, args) -> dict:
     return res
 
 
+def variant_arg(text: str) -> list:
+    """``KEY=VALUE[,KEY=VALUE]`` of a ``--variant``: SparseConfig changes."""
+    return [config_override(part) for part in text.split(",") if part]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(STANDARD), choices=sorted(MODELS))
@@ -310,6 +337,10 @@ def main() -> None:
     p.add_argument("--warm-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--also", type=config_override, action="append", default=[], metavar="KEY=VALUE",
                    help="a SparseConfig field changed for sigec")  # fmt: skip
+    p.add_argument("--variant", type=variant_arg, action="append", default=[],
+                   metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run the session with these SparseConfig changes (on top of "
+                   "--also) in this process, beside the same dense baseline")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/interactive.json"))
     args = p.parse_args()
     if args.warm_only:
