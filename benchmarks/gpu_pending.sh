@@ -12,13 +12,14 @@ set -u
 : "${OUT:?set OUT to a folder for the results}"
 case "${1:-}" in
 window)
-    timeout 110 python -m pytest -q tests/kernels/test_gpu.py -k "tile_conv" \
+    timeout 130 python -m pytest -q tests/kernels/test_gpu.py tests/test_api_gpu.py \
+        -k "tile_conv or conv_kernels_agree" \
         >"$OUT/gpu_tests.txt" 2>&1
     tail -3 "$OUT/gpu_tests.txt"
     timeout 100 python benchmarks/conv_kernels.py --no-search --fractions 0.012 0.05 0.3 \
         --out "$OUT/conv_kernels_window.json" >"$OUT/conv_kernels.log" 2>&1
     tail -2 "$OUT/conv_kernels.log"
-    timeout 340 python -m benchmarks.interactive --models ddpm-church-256 --edits 40 \
+    timeout 320 python -m benchmarks.interactive --models ddpm-church-256 --edits 40 \
         --variant conv_kernel=window --out "$OUT/interactive_ddpm_window.json" 2>&1 |
         grep session | cut -c1-400
     ;;
