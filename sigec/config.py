@@ -14,6 +14,12 @@ def _default_block_sizes():
     return MappingProxyType({"3x3": 6, "1x1": 4, "other": 6, "pointwise": 4})
 
 
+def _low_res_cap(res) -> int:
+    """``low_res_tiles``: the largest tile on a map of resolution ``res`` (an eighth of its
+    smaller side, at least 2)."""
+    return max(2, min(res) // 8)
+
+
 @dataclass(frozen=True)
 class SparseConfig:
     """How sigec turns a model into an incremental engine.
@@ -204,7 +210,7 @@ class SparseConfig:
         """Output tile size for a conv with this kernel on a map of resolution ``res``."""
         tile = self.tile_for_kernel(kh, kw)
         if self.low_res_tiles:
-            tile = min(tile, max(2, min(res) // 8))
+            tile = min(tile, _low_res_cap(res))
         if not self.fit_tiles:
             return tile
         h, w = res
@@ -222,7 +228,7 @@ class SparseConfig:
         ``low_res_tiles`` capped like a conv's to a multiple of ``factor`` where one fits."""
         tile = self.block_size["pointwise"]
         if self.low_res_tiles and res is not None:
-            cap = max(2, min(res) // 8)
+            cap = _low_res_cap(res)
             cap -= cap % factor
             if 0 < cap < tile:
                 tile = cap

@@ -285,10 +285,8 @@ def tile_conv_triton(
     """
     act = _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride,
                  dilation, scale, shift, activation, slope, residual, num_active,
-                 check_values, upsample, input_tiles, pad_mode)  # fmt: skip
+                 check_values, upsample, input_tiles, pad_mode, stage_windows)  # fmt: skip
     reject_float64("out", out)
-    if stage_windows and input_tiles:
-        raise ValueError("stage_windows: the window conv reads the maps; pass input_tiles=False")
     nb, co, ho, wo = out.shape
     m = in_corners.shape[0]
     x1 = parts[0]
@@ -349,9 +347,11 @@ def tile_conv_triton(
 def _check(
     out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
     scale, shift, activation, slope, residual, num_active, check_values=True, upsample=1,
-    input_tiles=False, pad_mode="zeros",
+    input_tiles=False, pad_mode="zeros", stage_windows=False,
 ) -> int:  # fmt: skip
     check_tensor("out", out, rank=4)
+    if stage_windows and input_tiles:
+        raise ValueError("stage_windows: the window conv reads the maps; pass input_tiles=False")
     check_tile_size(tile_h, tile_w)
     check_upsample(upsample)
     if not isinstance(parts, list | tuple) or not 1 <= len(parts) <= 2:
@@ -493,9 +493,7 @@ def tile_conv(
         tile_conv_triton(*args, check_values, pad_mode, upsample, input_tiles, split_k,
                          stage_windows=stage_windows)  # fmt: skip
         return
-    if stage_windows and input_tiles:
-        raise ValueError("stage_windows: the window conv reads the maps; pass input_tiles=False")
-    _check(*args, check_values, upsample, input_tiles, pad_mode)
+    _check(*args, check_values, upsample, input_tiles, pad_mode, stage_windows)
     tile_conv_reference(*args, pad_mode=pad_mode, upsample=upsample, input_tiles=input_tiles)
 
 
@@ -508,5 +506,5 @@ def _tile_conv_fake(
 ):  # fmt: skip
     _check(out, parts, weight, bias, in_corners, out_corners, tile_h, tile_w, stride, dilation,
            scale, shift, activation, slope, residual, num_active, check_values,
-           upsample, input_tiles, pad_mode)  # fmt: skip
+           upsample, input_tiles, pad_mode, stage_windows)  # fmt: skip
     check_pad_mode(pad_mode)

@@ -46,6 +46,8 @@ class NodeInfo:
             convs' reads; a pad that cannot be folded runs dense), "dense" (on full maps),
             "cached", "const", or "".
         reason: why a dependent node runs dense.
+        chosen: it runs dense because the config chose so (``kv_projection="dense"``), not as a
+            fallback: ``stats()["dense_fallbacks"]`` leaves it out.
         layout: for a token-region tensor (a map in another layout, see ``sigec.passes.layouts``):
             "tokens" ``[B, H*W, C]``, "flat" ``[B, C, H*W]`` or "nhwc"; ``resolution`` is then the
             map's. "" for maps (``spatial``) and everything else.
@@ -58,6 +60,7 @@ class NodeInfo:
     mode: str = ""
     reason: str = ""
     layout: str = ""
+    chosen: bool = False
 
 
 def info(node: torch.fx.Node) -> NodeInfo:

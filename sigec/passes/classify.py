@@ -161,12 +161,9 @@ def analyze_ops(gm: torch.fx.GraphModule, config: SparseConfig) -> None:
     if config.kv_projection == "dense":
         for node in kv_projections(gm):
             if info(node).mode == SPARSE:
-                set_info(node, mode="dense", reason=KV_DENSE_REASON)
-
-
-# the reason of a key / value projection run dense by choice: not a fallback (stats list those)
-KV_DENSE_REASON = ("a key / value projection (kv_projection='dense'): runs on every token, "
-                   "reading the cached normalised tokens")  # fmt: skip
+                set_info(node, mode="dense", chosen=True, reason=(
+                    "a key / value projection (kv_projection='dense'): runs on every token, "
+                    "reading the cached normalised tokens"))  # fmt: skip
 
 
 def kv_projections(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

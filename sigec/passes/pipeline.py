@@ -16,7 +16,7 @@ from sigec.errors import CaptureError
 from sigec.passes import base, convs, folds, tile_ops
 from sigec.passes.analysis import analyze_roles, info
 from sigec.passes.capture import Captured, capture
-from sigec.passes.classify import KV_DENSE_REASON, analyze_ops
+from sigec.passes.classify import analyze_ops
 from sigec.passes.macs import count_macs, macs_on_tiles
 from sigec.passes.mask_rules import mask_rules
 from sigec.passes.regions import group_dense_regions
@@ -107,9 +107,9 @@ def build_program_from(cap: Captured, config: SparseConfig, passes=PIPELINE) -> 
     layouts = {n.name: (info(n).layout, info(n).resolution) for n in nodes if info(n).layout}
     dense = [n for n in nodes if info(n).role == "dependent" and info(n).mode == "dense"]
     fallbacks = tuple((n.name, str(n.target), info(n).reason) for n in dense
-                      if info(n).reason and info(n).reason != KV_DENSE_REASON)  # fmt: skip
+                      if info(n).reason and not info(n).chosen)  # fmt: skip
     ctx.bump("dense_fallbacks", len(fallbacks))
-    ctx.bump("kv_projections_dense", sum(info(n).reason == KV_DENSE_REASON for n in dense))
+    ctx.bump("kv_projections_dense", sum(info(n).chosen for n in dense))
     private, passed = ctx.private_maps, ctx.passed_maps
     spatial_inputs = [v for v, k in zip(cap.flat_inputs, kinds, strict=True) if k == "spatial"]
     example_meta = [
